@@ -1,0 +1,1 @@
+"""Tidings services: the shared runtime and one package per bounded context."""

@@ -1,0 +1,134 @@
+"""Process configuration from TIDINGS_*, NATS_URL and OTEL_* environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from observability.logging import redact_url
+from services.runtime.errors import ConfigurationError
+
+# Default gRPC ports; each can be changed with TIDINGS_<SERVICE>_PORT.
+DEFAULT_PORTS: dict[str, int] = {
+    "users": 50051,
+    "orders": 50052,
+    "inventory": 50053,
+    "payments": 50054,
+    "notifications": 50055,
+    "gateway": 8080,
+}
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+class Settings(BaseSettings):
+    """Settings shared by every Tidings process; field ``x`` is read from ``TIDINGS_X``."""
+
+    model_config = SettingsConfigDict(env_prefix="TIDINGS_", extra="ignore", frozen=True)
+
+    nats_url: str = Field(
+        default="nats://127.0.0.1:4222",
+        validation_alias=AliasChoices("NATS_URL", "TIDINGS_NATS_URL"),
+        description="NATS server URL(s), comma-separated for a cluster.",
+    )
+    host: str = Field(default="127.0.0.1", description="Address the gRPC servers bind to.")
+    data_dir: Path = Field(default=Path("data"), description="Directory for SQLite files.")
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL; default is sqlite+aiosqlite:///<data_dir>/<service>.sqlite3.",
+    )
+
+    users_port: Port = DEFAULT_PORTS["users"]
+    orders_port: Port = DEFAULT_PORTS["orders"]
+    inventory_port: Port = DEFAULT_PORTS["inventory"]
+    payments_port: Port = DEFAULT_PORTS["payments"]
+    notifications_port: Port = DEFAULT_PORTS["notifications"]
+    gateway_port: Port = DEFAULT_PORTS["gateway"]
+
+    stream_replicas: Annotated[int, Field(ge=1, le=5)] = 1
+    duplicate_window: PositiveSeconds = Field(
+        default=120.0, description="JetStream duplicate window of each stream, in seconds."
+    )
+
+    relay_enabled: bool = True
+    relay_batch_size: Annotated[int, Field(ge=1, le=10_000)] = 256
+    relay_poll_interval: PositiveSeconds = Field(
+        default=1.0, description="Seconds between outbox scans when no commit wakes the relay."
+    )
+    relay_publish_timeout: PositiveSeconds = 5.0
+
+    consumer_batch_size: Annotated[int, Field(ge=1, le=1000)] = 64
+    consumer_ack_wait: PositiveSeconds = 30.0
+    consumer_max_deliver: Annotated[int, Field(ge=1)] = 5
+    consumer_backoff: tuple[PositiveSeconds, ...] = Field(
+        default=(0.5, 2.0, 10.0),
+        description="Redelivery delays in seconds after the 1st, 2nd, ... failure (JSON list).",
+    )
+
+    shutdown_grace: PositiveSeconds = Field(
+        default=10.0, description="Seconds in-flight calls get to finish after SIGTERM."
+    )
+    log_level: str = "INFO"
+
+    @field_validator("nats_url")
+    @classmethod
+    def _check_nats_url(cls, value: str) -> str:
+        for server in value.split(","):
+            if not server.strip().startswith(("nats://", "tls://", "ws://", "wss://")):
+                raise ValueError("expected nats://host:port (comma-separated for several)")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        if value.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return value.upper()
+
+    def port_of(self, service: str) -> int:
+        """Return the configured port of a service by name, such as ``users``."""
+        return int(getattr(self, f"{service}_port"))
+
+    def address_of(self, service: str) -> str:
+        """Return ``host:port`` where a service's gRPC server listens."""
+        return f"{self.host}:{self.port_of(service)}"
+
+    def database_url_for(self, service: str) -> str:
+        """Return the database URL of a service, a SQLite file under data_dir by default."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{self.data_dir.resolve() / f'{service}.sqlite3'}"
+
+
+_URL_VARIABLES = frozenset({"NATS_URL", "TIDINGS_DATABASE_URL"})
+
+
+def _variable_name(location: tuple[str | int, ...]) -> str:
+    field = str(location[0]) if location else "?"
+    if field == "nats_url":
+        return "NATS_URL"
+    return f"TIDINGS_{field.upper()}"
+
+
+def load_settings() -> Settings:
+    """Read settings from the environment.
+
+    Raises:
+        ConfigurationError: A variable has an invalid value; the message names
+            each such variable, its value and what is expected.
+    """
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = _variable_name(error["loc"])
+            value = error.get("input")
+            if name in _URL_VARIABLES and isinstance(value, str):
+                value = redact_url(value)
+            problems.append(f"invalid {name}={value!r}: {error['msg']}")
+        raise ConfigurationError("; ".join(problems)) from exc

@@ -1,0 +1,207 @@
+"""Outbox relay: publishes committed events to JetStream and marks them sent after the ack.
+
+Rows are read in ``seq`` order, published in pipelined batches (every publish
+of a batch is on the wire before the first ack is awaited) and marked sent in
+one UPDATE per batch. A crash between publish and UPDATE republishes the rows
+on restart; JetStream drops them as duplicates by ``Nats-Msg-Id`` as long as
+the restart comes within the stream's duplicate window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
+from nats.js.errors import Error as JetStreamError
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from sqlalchemy import Table, select, update
+
+from observability.propagation import extract_context, inject_context
+from services.runtime.database import Database
+from services.runtime.events import cloudevent_headers
+
+logger = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+
+_MAX_BACKOFF = 5.0
+
+
+class OutboxRelay:
+    """Moves pending outbox rows to JetStream until stopped."""
+
+    def __init__(
+        self,
+        database: Database,
+        table: Table,
+        nats: NATS,
+        *,
+        source: str,
+        batch_size: int,
+        poll_interval: float,
+        publish_timeout: float,
+    ) -> None:
+        self._database = database
+        self._table = table
+        self._js = nats.jetstream(timeout=publish_timeout)
+        self._source = source
+        self._batch_size = batch_size
+        self._poll_interval = poll_interval
+        self._publish_timeout = publish_timeout
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._outage_started: float | None = None
+        self.published = 0
+
+    def wake(self) -> None:
+        """Ask the relay to scan the outbox now; called after each commit with events."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Let run() return after its current batch."""
+        self._stopping = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Publish pending rows until stop() is called, retrying with backoff on failure."""
+        backoff = 0.1
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                published = await self.publish_pending()
+            except (NatsError, JetStreamError, TimeoutError, OSError) as exc:
+                self._report_outage(exc)
+                await self._sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF)
+                continue
+
+            backoff = 0.1
+            self._report_recovery()
+            if published < self._batch_size:
+                await self._sleep(self._poll_interval)
+
+    async def publish_pending(self) -> int:
+        """Publish one batch of pending rows and mark them sent; return how many.
+
+        Raises:
+            NatsError, JetStreamError, TimeoutError: A publish was not
+                acknowledged. Rows acknowledged before the failure are still
+                marked sent; the rest stay pending.
+        """
+        async with self._database.transaction() as tx:
+            rows = (
+                await tx.execute(
+                    select(self._table)
+                    .where(self._table.c.sent_at.is_(None))
+                    .order_by(self._table.c.seq)
+                    .limit(self._batch_size)
+                )
+            ).all()
+        if not rows:
+            return 0
+
+        acked, failure = await self._publish_batch(rows)
+
+        if acked:
+            async with self._database.transaction() as tx:
+                await tx.execute(
+                    update(self._table)
+                    .where(self._table.c.seq.in_(acked))
+                    .values(sent_at=datetime.now(UTC))
+                )
+            self.published += len(acked)
+        if failure is not None:
+            raise failure
+        return len(acked)
+
+    async def _publish_batch(self, rows: list[Any]) -> tuple[list[int], BaseException | None]:
+        spans = []
+        futures: list[asyncio.Future[Any]] = []
+        try:
+            for row in rows:
+                span = tracer.start_span(
+                    f"publish {row.subject}",
+                    context=extract_context(json.loads(row.trace_headers)),
+                    kind=SpanKind.PRODUCER,
+                    attributes=_producer_attributes(row),
+                )
+                spans.append(span)
+                headers = cloudevent_headers(
+                    event_id=row.event_id,
+                    source=self._source,
+                    event_type=row.event_type,
+                    time=_as_utc(row.event_time),
+                    subject=row.aggregate_id,
+                )
+                inject_context(headers, trace.set_span_in_context(span))
+                futures.append(await self._js.publish_async(row.subject, row.payload, headers=headers))
+
+            done, _ = await asyncio.wait(futures, timeout=self._publish_timeout)
+        except BaseException as exc:
+            for span in spans:
+                span.end()
+            for future in futures:
+                future.cancel()
+            if isinstance(exc, Exception):
+                return [], exc
+            raise
+
+        acked: list[int] = []
+        failure: BaseException | None = None
+        for row, span, future in zip(rows, spans, futures, strict=False):
+            if future in done and future.exception() is None:
+                acked.append(row.seq)
+                span.set_attribute("messaging.nats.stream.sequence", future.result().seq)
+            else:
+                error = future.exception() if future in done else None
+                failure = failure or error or TimeoutError(
+                    f"no publish ack for event {row.event_id} within {self._publish_timeout}s"
+                )
+                future.cancel()
+                span.set_status(Status(StatusCode.ERROR, str(failure)))
+            span.end()
+        return acked, failure
+
+    def _report_outage(self, exc: BaseException) -> None:
+        # One line per outage, not per row or retry; recovery logs the duration.
+        if self._outage_started is None:
+            self._outage_started = asyncio.get_running_loop().time()
+            logger.warning(
+                "outbox relay cannot publish; pending events stay in the outbox and are retried",
+                extra={"error": repr(exc)},
+            )
+
+    def _report_recovery(self) -> None:
+        if self._outage_started is not None:
+            duration = asyncio.get_running_loop().time() - self._outage_started
+            self._outage_started = None
+            logger.info("outbox relay publishing again", extra={"outage_seconds": round(duration, 3)})
+
+    async def _sleep(self, seconds: float) -> None:
+        """Wait for a wake-up, stop() or the timeout, whichever comes first."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+
+
+def _producer_attributes(row: Any) -> dict[str, str]:
+    return {
+        "messaging.system": "nats",
+        "messaging.operation.type": "send",
+        "messaging.operation.name": "publish",
+        "messaging.destination.name": row.subject,
+        "messaging.message.id": row.event_id,
+        "cloudevents.event_id": row.event_id,
+        "cloudevents.event_type": row.event_type,
+        "cloudevents.event_subject": row.aggregate_id,
+    }
+
+
+def _as_utc(value: datetime) -> datetime:
+    # SQLite returns naive datetimes even for timezone-aware columns.
+    return value if value.tzinfo else value.replace(tzinfo=UTC)

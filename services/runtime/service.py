@@ -1,0 +1,337 @@
+"""Service bootstrap: gRPC server, health, reflection, database, NATS, relay and consumers.
+
+Start order: the gRPC server comes up first and reports NOT_SERVING, then the
+database schema, the NATS connection, the streams, the relay and the
+consumers; health turns SERVING only when all of them are ready.
+
+Shutdown order on SIGTERM or SIGINT: health NOT_SERVING, stop accepting calls
+and let in-flight calls finish within ``shutdown_grace``, stop the consumers
+after their current batch, publish what is left in the outbox, drain NATS,
+close the database and flush spans.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import nats
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from nats.aio.client import Client as NATS
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from sqlalchemy import MetaData, Table
+
+from observability.logging import configure_logging, redact_url
+from observability.tracing import configure_tracing, shutdown_tracing
+from services.runtime.config import Settings, load_settings
+from services.runtime.consumer import (
+    ConsumerSettings,
+    ConsumerSpec,
+    EventConsumer,
+    processed_events_table,
+)
+from services.runtime.database import Database
+from services.runtime.errors import ConfigurationError
+from services.runtime.idempotency import RequestLog, request_log_table
+from services.runtime.interceptors import ErrorMappingInterceptor
+from services.runtime.outbox import Outbox, outbox_table
+from services.runtime.relay import OutboxRelay
+from services.runtime.streams import StreamSpec, ensure_stream
+
+logger = logging.getLogger(__name__)
+
+# (add_XServicer_to_server, servicer instance, full service name)
+ServicerBinding = tuple[Callable[[Any, grpc.aio.Server], None], Any, str]
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """Everything the runtime needs to run one service.
+
+    Attributes:
+        name: Service name: log field, ``service.name``, port and database file.
+        metadata: The service's own tables; the runtime adds its outbox,
+            request log and processed-events tables.
+        servicers: Builds the gRPC servicers once the runtime is ready.
+        streams: Streams the service publishes to or consumes from.
+        consumers: Builds the durable consumers the service runs.
+    """
+
+    name: str
+    metadata: MetaData
+    servicers: Callable[[Runtime], Sequence[ServicerBinding]]
+    streams: tuple[StreamSpec, ...] = ()
+    consumers: Callable[[Runtime], Sequence[ConsumerSpec]] = field(default=lambda runtime: ())
+
+
+class Runtime:
+    """The parts a servicer or handler uses: settings, database, outbox, request log, NATS."""
+
+    def __init__(self, spec: ServiceSpec, settings: Settings) -> None:
+        self.name = spec.name
+        self.settings = settings
+        self.database = Database(settings.database_url_for(spec.name), spec.metadata)
+        self.outbox = Outbox(_runtime_table(spec.metadata, "outbox", outbox_table))
+        self.request_log = RequestLog(
+            _runtime_table(spec.metadata, "request_log", request_log_table)
+        )
+        self.processed_events = _runtime_table(
+            spec.metadata, "processed_events", processed_events_table
+        )
+        self.nats: NATS = NATS()
+
+
+def _runtime_table(metadata: MetaData, name: str, define: Callable[[MetaData], Table]) -> Table:
+    existing = metadata.tables.get(name)
+    return existing if existing is not None else define(metadata)
+
+
+class Service:
+    """One running service process."""
+
+    def __init__(self, spec: ServiceSpec, settings: Settings) -> None:
+        self.spec = spec
+        self.settings = settings
+        self.runtime = Runtime(spec, settings)
+        self.health = HealthServicer()
+        self.server = grpc.aio.server(
+            interceptors=[aio_server_interceptor(), ErrorMappingInterceptor()]
+        )
+        self.stopping = asyncio.Event()
+        self.relay: OutboxRelay | None = None
+        self.consumers: list[EventConsumer] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._service_names: list[str] = []
+        self.port = 0
+        self.failed = False
+
+    async def start(self) -> None:
+        """Start serving; returns once health reports SERVING."""
+        await self._start_server()
+        await self.runtime.database.create_schema()
+        await self._connect_nats()
+        if self.stopping.is_set():
+            return
+        await self._ensure_streams()
+        self._start_relay()
+        await self._start_consumers()
+        for name in ["", *self._service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        logger.info("service ready", extra={"port": self.port})
+
+    async def _start_server(self) -> None:
+        for add_to_server, servicer, full_name in self.spec.servicers(self.runtime):
+            add_to_server(servicer, self.server)
+            self._service_names.append(full_name)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        for name in ["", *self._service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        reflection.enable_server_reflection(
+            [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME],
+            self.server,
+        )
+        address = f"{self.settings.host}:{self.settings.port_of(self.spec.name)}"
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ConfigurationError(
+                f"cannot listen on {address}: the port is in use or not allowed; set "
+                f"TIDINGS_{self.spec.name.upper()}_PORT to a free port"
+            ) from exc
+        await self.server.start()
+        logger.info("grpc server listening", extra={"address": f"{self.settings.host}:{self.port}"})
+
+    async def _connect_nats(self) -> None:
+        servers = [server.strip() for server in self.settings.nats_url.split(",")]
+        delay = 0.2
+        while not self.stopping.is_set():
+            try:
+                await self.runtime.nats.connect(
+                    servers=servers,
+                    name=f"tidings-{self.spec.name}",
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    connect_timeout=2,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                    error_cb=self._on_nats_error,
+                )
+            except (nats.errors.NoServersError, OSError, TimeoutError) as exc:
+                logger.warning(
+                    "cannot connect to NATS; retrying",
+                    extra={"nats_url": redact_url(self.settings.nats_url), "error": repr(exc),
+                           "retry_in": delay},
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), timeout=delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            logger.info("connected to NATS",
+                        extra={"nats_url": redact_url(self.settings.nats_url)})
+            return
+
+    async def _on_disconnected(self) -> None:
+        logger.warning("disconnected from NATS; reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        logger.info("reconnected to NATS")
+
+    async def _on_nats_error(self, exc: Exception) -> None:
+        logger.debug("NATS client error", extra={"error": repr(exc)})
+
+    async def _ensure_streams(self) -> None:
+        js = self.runtime.nats.jetstream()
+        for stream in self.spec.streams:
+            await ensure_stream(
+                js,
+                stream,
+                replicas=self.settings.stream_replicas,
+                duplicate_window=self.settings.duplicate_window,
+            )
+
+    def _start_relay(self) -> None:
+        if not self.settings.relay_enabled:
+            logger.warning("outbox relay disabled by TIDINGS_RELAY_ENABLED; events stay pending")
+            return
+        self.relay = OutboxRelay(
+            self.runtime.database,
+            self.runtime.outbox.table,
+            self.runtime.nats,
+            source=f"/tidings/{self.spec.name}",
+            batch_size=self.settings.relay_batch_size,
+            poll_interval=self.settings.relay_poll_interval,
+            publish_timeout=self.settings.relay_publish_timeout,
+        )
+        self.runtime.outbox.on_commit(self.relay.wake)
+        self._spawn(self.relay.run(), "outbox relay")
+
+    async def _start_consumers(self) -> None:
+        consumer_settings = ConsumerSettings(
+            batch_size=self.settings.consumer_batch_size,
+            ack_wait=self.settings.consumer_ack_wait,
+            max_deliver=self.settings.consumer_max_deliver,
+            backoff=self.settings.consumer_backoff,
+        )
+        for consumer_spec in self.spec.consumers(self.runtime):
+            consumer = EventConsumer(
+                consumer_spec,
+                self.runtime.database,
+                self.runtime.processed_events,
+                self.runtime.nats,
+                consumer_settings,
+            )
+            await consumer.start()
+            self.consumers.append(consumer)
+            self._spawn(consumer.run(), f"consumer {consumer_spec.durable}")
+
+    def _spawn(self, work: Any, name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        task.add_done_callback(self._on_task_done)
+        self._tasks.append(task)
+
+    def _on_task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        # A background loop that dies takes the process down, so a supervisor
+        # restarts it instead of leaving a service that no longer moves events.
+        logger.error("background task failed; stopping the service",
+                     extra={"task": task.get_name()}, exc_info=task.exception())
+        self.failed = True
+        self.stopping.set()
+
+    async def stop(self) -> None:
+        """Shut down in the documented order; safe to call once after start()."""
+        grace = self.settings.shutdown_grace
+        logger.info("service stopping", extra={"grace_seconds": grace})
+
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+        for consumer in self.consumers:
+            consumer.stop()
+        if self.relay is not None:
+            self.relay.stop()
+        if self._tasks:
+            _, late = await asyncio.wait(self._tasks, timeout=grace)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+
+        if self.relay is not None and self.runtime.nats.is_connected:
+            await self._flush_outbox()
+
+        if self.runtime.nats.is_connected:
+            with contextlib.suppress(Exception):
+                await self.runtime.nats.drain()
+        await self.runtime.database.close()
+        logger.info("service stopped")
+
+    async def _flush_outbox(self) -> None:
+        """Publish rows committed by the last calls, so a clean stop leaves nothing pending."""
+        assert self.relay is not None
+        try:
+            async with asyncio.timeout(self.settings.shutdown_grace):
+                while await self.relay.publish_pending():
+                    pass
+        except Exception as exc:
+            logger.warning(
+                "outbox not fully published at shutdown; the next start publishes the rest",
+                extra={"error": repr(exc)},
+            )
+
+
+async def serve(spec: ServiceSpec, settings: Settings) -> int:
+    """Run a service until SIGTERM or SIGINT; return the process exit code."""
+    service = Service(spec, settings)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, service.stopping.set)
+
+    try:
+        start = asyncio.create_task(service.start())
+        stopped = asyncio.create_task(service.stopping.wait())
+        await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if start.done():
+            start.result()
+        else:
+            start.cancel()
+            await asyncio.gather(start, return_exceptions=True)
+        await service.stopping.wait()
+    finally:
+        await service.stop()
+    return 1 if service.failed else 0
+
+
+def run(spec: ServiceSpec) -> None:
+    """Entry point of a service process: settings, logging, tracing, then serve()."""
+    try:
+        settings = load_settings()
+    except ConfigurationError as exc:
+        print(f"{spec.name}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+
+    configure_logging(spec.name, settings.log_level)
+    try:
+        provider = configure_tracing(spec.name)
+    except ValueError as exc:
+        logger.error("invalid tracing configuration", extra={"error": str(exc)})
+        raise SystemExit(2) from exc
+
+    try:
+        code = asyncio.run(serve(spec, settings))
+    except ConfigurationError as exc:
+        logger.error("cannot start", extra={"error": str(exc)})
+        code = 2
+    finally:
+        shutdown_tracing(provider)
+    raise SystemExit(code)

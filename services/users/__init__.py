@@ -1,0 +1,1 @@
+"""The users service: accounts, and their created/updated/deleted events."""

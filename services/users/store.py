@@ -1,0 +1,149 @@
+"""Tables and queries of the users service."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    delete,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+
+from services.runtime.database import Transaction
+from services.runtime.errors import AlreadyExists, NotFound
+from tidings.users.v1 import user_pb2
+
+metadata = MetaData()
+
+users = Table(
+    "users",
+    metadata,
+    # Insertion order; the keyset for pagination.
+    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    Column("id", String(36), nullable=False, unique=True),
+    Column("email", String(254), nullable=False),
+    # Lower-cased email; unique, so addresses differing only in case collide.
+    Column("email_key", String(254), nullable=False, unique=True),
+    Column("display_name", String(100), nullable=False),
+    Column("revision", BigInteger, nullable=False),
+    Column("create_time", DateTime(timezone=True), nullable=False),
+    Column("update_time", DateTime(timezone=True), nullable=False),
+)
+
+
+def to_message(row: Any) -> user_pb2.User:
+    """Convert a users row to its protobuf message."""
+    user = user_pb2.User(
+        id=row.id, email=row.email, display_name=row.display_name, revision=row.revision
+    )
+    user.create_time.FromDatetime(_as_utc(row.create_time))
+    user.update_time.FromDatetime(_as_utc(row.update_time))
+    return user
+
+
+async def insert_user(tx: Transaction, user_id: str, email: str, display_name: str) -> Any:
+    """Insert a user and return its row.
+
+    Raises:
+        AlreadyExists: Another user has this email.
+    """
+    now = datetime.now(UTC)
+    await _ensure_email_free(tx, email, user_id=None)
+    await tx.execute(
+        users.insert().values(
+            id=user_id,
+            email=email,
+            email_key=email.lower(),
+            display_name=display_name,
+            revision=1,
+            create_time=now,
+            update_time=now,
+        )
+    )
+    return await get_user(tx, user_id)
+
+
+async def get_user(tx: Transaction, user_id: str) -> Any:
+    """Return the row of a user.
+
+    Raises:
+        NotFound: No user has this id.
+    """
+    row = (await tx.execute(select(users).where(users.c.id == user_id))).first()
+    if row is None:
+        raise NotFound(
+            f"user {user_id} not found", reason="USER_NOT_FOUND", metadata={"user_id": user_id}
+        )
+    return row
+
+
+async def list_users(tx: Transaction, after: int | None, limit: int) -> list[Any]:
+    """Return up to limit users with seq greater than after, oldest first."""
+    query = select(users).order_by(users.c.seq).limit(limit)
+    if after is not None:
+        query = query.where(users.c.seq > after)
+    return list((await tx.execute(query)).all())
+
+
+async def update_user(tx: Transaction, user_id: str, changes: dict[str, str]) -> Any:
+    """Apply changes to a user, bump its revision and return the new row.
+
+    Raises:
+        NotFound: No user has this id.
+        AlreadyExists: The new email belongs to another user.
+    """
+    if "email" in changes:
+        await _ensure_email_free(tx, changes["email"], user_id=user_id)
+        changes = {**changes, "email_key": changes["email"].lower()}
+    await tx.execute(
+        update(users)
+        .where(users.c.id == user_id)
+        .values(**changes, revision=users.c.revision + 1, update_time=datetime.now(UTC))
+    )
+    return await get_user(tx, user_id)
+
+
+async def delete_user(tx: Transaction, user_id: str) -> None:
+    """Delete a user; the caller has checked that it exists."""
+    await tx.execute(delete(users).where(users.c.id == user_id))
+
+
+async def count_users(tx: Transaction) -> int:
+    """Return the number of users."""
+    return int((await tx.execute(select(func.count()).select_from(users))).scalar_one())
+
+
+async def _ensure_email_free(tx: Transaction, email: str, user_id: str | None) -> None:
+    query = select(users.c.id).where(users.c.email_key == email.lower())
+    owner = (await tx.execute(query)).scalar_one_or_none()
+    if owner is not None and owner != user_id:
+        raise AlreadyExists(
+            f"email {email!r} is already used by another user; choose another address",
+            reason="EMAIL_TAKEN",
+            metadata={"email": email},
+        )
+
+
+def translate_integrity_error(exc: IntegrityError, email: str) -> AlreadyExists:
+    """Map a unique-constraint race (two creates with one email) to ALREADY_EXISTS."""
+    return AlreadyExists(
+        f"email {email!r} is already used by another user; choose another address",
+        reason="EMAIL_TAKEN",
+        metadata={"email": email},
+    )
+
+
+def _as_utc(value: datetime) -> datetime:
+    # SQLite returns naive datetimes even for timezone-aware columns.
+    return value if value.tzinfo else value.replace(tzinfo=UTC)

@@ -28,7 +28,9 @@ PositiveSeconds = Annotated[float, Field(gt=0)]
 class Settings(BaseSettings):
     """Settings shared by every Tidings process; field ``x`` is read from ``TIDINGS_X``."""
 
-    model_config = SettingsConfigDict(env_prefix="TIDINGS_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="TIDINGS_", extra="ignore", frozen=True, populate_by_name=True
+    )
 
     nats_url: str = Field(
         default="nats://127.0.0.1:4222",

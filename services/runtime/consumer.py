@@ -137,6 +137,10 @@ class EventConsumer:
                 continue
             await self._apply_batch(messages)
 
+        # An open pull subscription would hold up the connection's drain.
+        with contextlib.suppress(NatsError, JetStreamError):
+            await self._subscription.unsubscribe()
+
     async def _apply_batch(self, messages: list[Msg]) -> None:
         by_aggregate: dict[str, list[Msg]] = {}
         for message in messages:

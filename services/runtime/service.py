@@ -162,6 +162,7 @@ class Service:
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.5,
                     connect_timeout=2,
+                    drain_timeout=self.settings.shutdown_grace,
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
                     error_cb=self._on_nats_error,
@@ -181,7 +182,8 @@ class Service:
             return
 
     async def _on_disconnected(self) -> None:
-        logger.warning("disconnected from NATS; reconnecting")
+        if not self.stopping.is_set():
+            logger.warning("disconnected from NATS; reconnecting")
 
     async def _on_reconnected(self) -> None:
         logger.info("reconnected to NATS")

@@ -1,0 +1,92 @@
+"""The `tidings` command: up, demo, events tail, bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from observability.logging import configure_logging
+from services.runtime.config import load_settings
+from services.runtime.errors import ConfigurationError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tidings", description="Run and inspect the Tidings reference system."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser(
+        "up",
+        help="start nats-server (unless NATS_URL is set) and every service; Ctrl-C stops all",
+    )
+
+    demo = commands.add_parser("demo", help="drive a scenario through a running system")
+    demo.add_argument("--users", type=int, default=3, help="number of users to create (default 3)")
+    demo.add_argument(
+        "--timeout", type=float, default=30.0,
+        help="seconds to wait for each notification (default 30)",
+    )
+
+    events = commands.add_parser("events", help="inspect events on NATS")
+    event_commands = events.add_subparsers(dest="events_command", required=True)
+    tail = event_commands.add_parser("tail", help="print events as they arrive, decoded")
+    tail.add_argument(
+        "subject", nargs="?", default="tidings.>",
+        help="subject filter with NATS wildcards (default tidings.>)",
+    )
+    tail.add_argument(
+        "--count", type=int, default=0,
+        help="exit after this many events (default: run until Ctrl-C)",
+    )
+
+    bench = commands.add_parser("bench", help="measure the main path against raw grpc and nats")
+    bench.add_argument("--calls", type=int, default=2000, help="calls per measured phase")
+    bench.add_argument("--concurrency", type=int, default=32, help="calls in flight at once")
+    bench.add_argument(
+        "--output", default=None, help="Markdown file to write the results to (default: print only)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the `tidings` command line."""
+    options = _parser().parse_args(argv)
+    configure_logging("tidings-cli", "WARNING")
+    try:
+        settings = load_settings()
+        code = asyncio.run(_dispatch(options, settings))
+    except ConfigurationError as exc:
+        print(f"tidings: {exc}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    raise SystemExit(code)
+
+
+async def _dispatch(options: argparse.Namespace, settings: object) -> int:
+    # Imported per command so that `tidings events tail` does not load gRPC
+    # service stubs and `tidings up` does not load the benchmark.
+    from services.runtime.config import Settings
+
+    assert isinstance(settings, Settings)
+    if options.command == "up":
+        from services.runtime.cli.supervisor import Supervisor
+
+        return await Supervisor(settings).run()
+    if options.command == "demo":
+        from services.runtime.cli.demo import run_demo
+
+        return await run_demo(settings, users=options.users, timeout=options.timeout)
+    if options.command == "events":
+        from services.runtime.cli.tail import tail_events
+
+        return await tail_events(settings, options.subject, count=options.count)
+    if options.command == "bench":
+        from bench.harness import run_benchmark
+
+        return await run_benchmark(
+            calls=options.calls, concurrency=options.concurrency, output=options.output
+        )
+    raise AssertionError(f"unhandled command {options.command}")

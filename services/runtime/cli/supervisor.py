@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from observability.logging import redact_url
-from services.runtime.cli.embedded_nats import DEFAULT_PORT, EmbeddedNats, free_port, port_in_use
+from services.runtime.cli.embedded_nats import EmbeddedNats, free_port, port_in_use
 from services.runtime.config import Settings
 from services.runtime.errors import ConfigurationError
 
@@ -78,10 +78,11 @@ class Supervisor:
             print(f"using NATS at {redact_url(self.settings.nats_url)}", flush=True)
             return self.settings.nats_url
 
-        port = DEFAULT_PORT
+        wanted = self.settings.embedded_nats_port
+        port = wanted
         if port_in_use(port):
             port = free_port()
-            print(f"port {DEFAULT_PORT} is taken; embedded nats-server uses port {port}", flush=True)
+            print(f"port {wanted} is taken; embedded nats-server uses port {port}", flush=True)
         self.nats = EmbeddedNats(self.settings.data_dir.resolve() / "nats", port=port)
         self.nats.start()
         print(f"started nats-server (pid {self.nats.process.pid if self.nats.process else '?'}) "

@@ -115,7 +115,7 @@ _URL_VARIABLES = frozenset({"NATS_URL", "TIDINGS_DATABASE_URL"})
 
 def _variable_name(location: tuple[str | int, ...]) -> str:
     field = str(location[0]) if location else "?"
-    if field == "nats_url":
+    if field.upper() in {"NATS_URL", "TIDINGS_NATS_URL"}:
         return "NATS_URL"
     return f"TIDINGS_{field.upper()}"
 

@@ -8,11 +8,11 @@ import nats
 import pytest
 
 from services.runtime.cli.embedded_nats import EmbeddedNats
+from services.runtime.clients import traced_channel
 from services.runtime.config import Settings
 from services.users.main import SPEC as USERS
 from tests.helpers import running_service, wait_for
 from tidings.users.v1 import user_pb2, user_service_pb2, user_service_pb2_grpc
-from services.runtime.clients import traced_channel
 
 
 async def _stored_subjects(url: str, expected: int) -> list[str] | None:

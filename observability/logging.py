@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from opentelemetry import trace
 
@@ -69,11 +69,26 @@ def configure_logging(service: str, level: str = "INFO") -> None:
 
 
 def redact_url(url: str) -> str:
-    """Return the URL with any password replaced, safe to write to a log."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    """Return the URL with its secrets masked, safe to write to a log.
+
+    Handles comma-separated server lists and bracketed IPv6 hosts. Passwords
+    are masked everywhere; a NATS URL's lone user part is a token and is
+    masked too, while a database URL keeps its user name.
+    """
+    return _CREDENTIALS.sub(_mask_credentials, url)
+
+
+# scheme://user:password@ or scheme://token@, up to the first "@" of that URL.
+_CREDENTIALS = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://(?P<user>[^:@/,\s]*)(?P<password>:[^@/,\s]*)?@"
+)
+_TOKEN_SCHEMES = frozenset({"nats", "tls", "ws", "wss"})
+
+
+def _mask_credentials(match: re.Match[str]) -> str:
+    scheme = match.group("scheme")
+    if match.group("password") is not None:
+        return f"{scheme}://{match.group('user')}:***@"
+    if scheme.lower() in _TOKEN_SCHEMES:
+        return f"{scheme}://***@"
+    return match.group(0)

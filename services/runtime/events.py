@@ -138,9 +138,14 @@ def _parse_time(event_id: str, value: str | None) -> datetime | None:
     if not value:
         return None
     try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError as exc:
         raise EventDecodeError(f"event {event_id}: ce-time {value!r} is not RFC 3339") from exc
+    if parsed.tzinfo is None:
+        raise EventDecodeError(
+            f"event {event_id}: ce-time {value!r} lacks a UTC offset, which RFC 3339 requires"
+        )
+    return parsed
 
 
 def _message_class(full_name: str) -> type[Message]:

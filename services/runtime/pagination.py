@@ -33,15 +33,19 @@ def decode_page_token(
     """Return the sort key a token continues after, or None for the first page."""
     if not token:
         return None
+    after: object = None
+    digest: object = None
     try:
         padded = token + "=" * (-len(token) % 4)
         body = json.loads(base64.urlsafe_b64decode(padded.encode()))
         after = body["a"]
         digest = body["f"]
     except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        pass
+    if not isinstance(after, int) or isinstance(after, bool) or not isinstance(digest, str):
         violations.add(field, "is not a token returned by this method; send it unchanged")
         return None
-    if not isinstance(after, int) or digest != _filter_hash(filters or {}):
+    if digest != _filter_hash(filters or {}):
         violations.add(field, "belongs to a request with other parameters; start from page one")
         return None
     return after

@@ -160,9 +160,9 @@ class Service:
                     servers=servers,
                     name=f"tidings-{self.spec.name}",
                     max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
+                    reconnect_time_wait=0.5,  # type: ignore[arg-type]  # nats-py accepts floats
                     connect_timeout=2,
-                    drain_timeout=self.settings.shutdown_grace,
+                    drain_timeout=self.settings.shutdown_grace,  # type: ignore[arg-type]
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
                     error_cb=self._on_nats_error,

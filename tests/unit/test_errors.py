@@ -125,7 +125,9 @@ def test_already_exists_error_info() -> None:
         (Unavailable, grpc.StatusCode.UNAVAILABLE, code_pb2.UNAVAILABLE),
     ],
 )
-def test_error_class_codes_agree(error_class: type[ServiceError], grpc_code: grpc.StatusCode, rpc_code: int) -> None:
+def test_error_class_codes_agree(
+    error_class: type[ServiceError], grpc_code: grpc.StatusCode, rpc_code: int
+) -> None:
     assert error_class.code is grpc_code
     assert grpc_code.value[0] == rpc_code
 

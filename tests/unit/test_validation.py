@@ -118,9 +118,7 @@ def test_text_blank_required_rejected() -> None:
     result = check_text(violations, "user.display_name", " \t ", max_length=100)
 
     assert result == ""
-    assert violations.items == [
-        FieldViolation("user.display_name", "is required; send a non-empty value")
-    ]
+    assert violations.items == [FieldViolation("user.display_name", "is required; send a non-empty value")]
 
 
 def test_text_blank_optional_accepted() -> None:
@@ -251,9 +249,7 @@ def test_request_id_too_long_rejected() -> None:
 
     check_request_id(violations, "request_id", "r" * 129)
 
-    assert violations.items == [
-        FieldViolation("request_id", "is 129 characters long; the maximum is 128")
-    ]
+    assert violations.items == [FieldViolation("request_id", "is 129 characters long; the maximum is 128")]
 
 
 @pytest.mark.parametrize(

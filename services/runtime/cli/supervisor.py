@@ -10,6 +10,7 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -110,9 +111,10 @@ class Supervisor:
         exits = [asyncio.create_task(child.process.wait()) for child in self.children]
         stop = asyncio.create_task(self.stopping.wait())
         try:
-            ready = asyncio.gather(*checks)
+            ready: asyncio.Future[Any] = asyncio.gather(*checks)
+            waiting: list[asyncio.Future[Any]] = [ready, stop, *exits]
             done, _ = await asyncio.wait(
-                [ready, stop, *exits], timeout=READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+                waiting, timeout=READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
             )
             if ready in done:
                 return True

@@ -18,7 +18,7 @@ from sqlalchemy import (
     select,
 )
 
-from services.runtime.database import Transaction
+from services.runtime.database import Transaction, as_utc
 from tidings.notifications.v1 import notification_pb2
 
 metadata = MetaData()
@@ -67,10 +67,7 @@ def to_message(row: Any) -> notification_pb2.Notification:
         body=row.body,
         source_event_id=row.source_event_id,
     )
-    message.event_time.FromDatetime(_as_utc(row.event_time))
-    message.create_time.FromDatetime(_as_utc(row.create_time))
+    message.event_time.FromDatetime(as_utc(row.event_time))
+    message.create_time.FromDatetime(as_utc(row.create_time))
     return message
 
-
-def _as_utc(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)

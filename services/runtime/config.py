@@ -75,6 +75,13 @@ class Settings(BaseSettings):
         description="Redelivery delays in seconds after the 1st, 2nd, ... failure (JSON list).",
     )
 
+    saga_timeout: PositiveSeconds = Field(
+        default=30.0, description="Seconds an order may wait for a saga step before it is rejected."
+    )
+    call_timeout: PositiveSeconds = Field(
+        default=5.0, description="Timeout of a gRPC call between services when the caller has none."
+    )
+
     shutdown_grace: PositiveSeconds = Field(
         default=10.0, description="Seconds in-flight calls get to finish after SIGTERM."
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,11 @@ class Database:
     async def close(self) -> None:
         """Close every pooled connection."""
         await self.engine.dispose()
+
+
+def as_utc(value: datetime) -> datetime:
+    """Return value as an aware UTC datetime; SQLite returns naive ones even for aware columns."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _create_engine(url: str) -> AsyncEngine:

@@ -24,7 +24,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from sqlalchemy import Table, select, update
 
 from observability.propagation import extract_context, inject_context
-from services.runtime.database import Database
+from services.runtime.database import Database, as_utc
 from services.runtime.events import cloudevent_headers
 
 logger = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ class OutboxRelay:
                     event_id=row.event_id,
                     source=self._source,
                     event_type=row.event_type,
-                    time=_as_utc(row.event_time),
+                    time=as_utc(row.event_time),
                     subject=row.aggregate_id,
                 )
                 inject_context(headers, trace.set_span_in_context(span))
@@ -201,7 +201,3 @@ def _producer_attributes(row: Any) -> dict[str, str]:
         "cloudevents.event_subject": row.aggregate_id,
     }
 
-
-def _as_utc(value: datetime) -> datetime:
-    # SQLite returns naive datetimes even for timezone-aware columns.
-    return value if value.tzinfo else value.replace(tzinfo=UTC)

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +52,10 @@ logger = logging.getLogger(__name__)
 # (add_XServicer_to_server, servicer instance, full service name)
 ServicerBinding = tuple[Callable[[Any, grpc.aio.Server], None], Any, str]
 
+# A loop that runs beside the server until the event is set, such as a scanner
+# for timed-out work. It must return soon after the event is set.
+BackgroundTask = Callable[[asyncio.Event], Awaitable[None]]
+
 
 @dataclass(frozen=True)
 class ServiceSpec:
@@ -64,6 +68,7 @@ class ServiceSpec:
         servicers: Builds the gRPC servicers once the runtime is ready.
         streams: Streams the service publishes to or consumes from.
         consumers: Builds the durable consumers the service runs.
+        tasks: Builds background loops started after the consumers.
     """
 
     name: str
@@ -71,6 +76,7 @@ class ServiceSpec:
     servicers: Callable[[Runtime], Sequence[ServicerBinding]]
     streams: tuple[StreamSpec, ...] = ()
     consumers: Callable[[Runtime], Sequence[ConsumerSpec]] = field(default=lambda runtime: ())
+    tasks: Callable[[Runtime], Sequence[BackgroundTask]] = field(default=lambda runtime: ())
 
 
 class Runtime:
@@ -124,6 +130,8 @@ class Service:
         await self._ensure_streams()
         self._start_relay()
         await self._start_consumers()
+        for index, task in enumerate(self.spec.tasks(self.runtime)):
+            self._spawn(task(self.stopping), f"background task {index}")
         for name in ["", *self._service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         logger.info("service ready", extra={"port": self.port})

@@ -20,7 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from services.runtime.database import Transaction
+from services.runtime.database import Transaction, as_utc
 from services.runtime.errors import AlreadyExists, NotFound
 from tidings.users.v1 import user_pb2
 
@@ -47,8 +47,8 @@ def to_message(row: Any) -> user_pb2.User:
     user = user_pb2.User(
         id=row.id, email=row.email, display_name=row.display_name, revision=row.revision
     )
-    user.create_time.FromDatetime(_as_utc(row.create_time))
-    user.update_time.FromDatetime(_as_utc(row.update_time))
+    user.create_time.FromDatetime(as_utc(row.create_time))
+    user.update_time.FromDatetime(as_utc(row.update_time))
     return user
 
 
@@ -143,7 +143,3 @@ def translate_integrity_error(exc: IntegrityError, email: str) -> AlreadyExists:
         metadata={"email": email},
     )
 
-
-def _as_utc(value: datetime) -> datetime:
-    # SQLite returns naive datetimes even for timezone-aware columns.
-    return value if value.tzinfo else value.replace(tzinfo=UTC)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from services.notifications import store
-from services.notifications.handlers import HANDLERS
+from services.notifications.handlers import ORDER_HANDLERS, USER_HANDLERS
 from services.notifications.servicer import NotificationServicer
 from services.runtime.consumer import ConsumerSpec
 from services.runtime.service import Runtime, ServicerBinding, ServiceSpec, run
-from services.runtime.streams import USERS
+from services.runtime.streams import ORDERS, USERS
 from tidings.notifications.v1 import notification_service_pb2, notification_service_pb2_grpc
 
 
@@ -26,14 +26,24 @@ def servicers(runtime: Runtime) -> Sequence[ServicerBinding]:
 
 
 def consumers(runtime: Runtime) -> Sequence[ConsumerSpec]:
-    """Read user events from the USERS stream."""
+    """Read user events and the outcome of orders."""
     return [
         ConsumerSpec(
             durable="notifications-users",
             stream=USERS.name,
             subjects=("tidings.users.>",),
-            handlers=HANDLERS,
-        )
+            handlers=USER_HANDLERS,
+        ),
+        ConsumerSpec(
+            durable="notifications-orders",
+            stream=ORDERS.name,
+            subjects=(
+                "tidings.orders.order.confirmed",
+                "tidings.orders.order.rejected",
+                "tidings.orders.order.cancelled",
+            ),
+            handlers=ORDER_HANDLERS,
+        ),
     ]
 
 
@@ -41,7 +51,7 @@ SPEC = ServiceSpec(
     name="notifications",
     metadata=store.metadata,
     servicers=servicers,
-    streams=(USERS,),
+    streams=(USERS, ORDERS),
     consumers=consumers,
 )
 

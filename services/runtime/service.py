@@ -94,6 +94,19 @@ class Runtime:
             spec.metadata, "processed_events", processed_events_table
         )
         self.nats: NATS = NATS()
+        self._closers: list[Callable[[], Awaitable[Any]]] = []
+
+    def on_stop(self, close: Callable[[], Awaitable[Any]]) -> None:
+        """Run close at shutdown, after the server and consumers stopped (e.g. a client channel)."""
+        self._closers.append(close)
+
+    async def close_resources(self) -> None:
+        """Run every on_stop callback, logging failures instead of stopping the shutdown."""
+        for close in reversed(self._closers):
+            try:
+                await close()
+            except Exception:
+                logger.exception("closing a resource failed during shutdown")
 
 
 def _runtime_table(metadata: MetaData, name: str, define: Callable[[MetaData], Table]) -> Table:
@@ -279,6 +292,7 @@ class Service:
 
         if self.relay is not None and self.runtime.nats.is_connected:
             await self._flush_outbox()
+        await self.runtime.close_resources()
 
         if self.runtime.nats.is_connected:
             with contextlib.suppress(Exception):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+tidings/notifications/v1/notification.proto\x12\x18tidings.notifications.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfc\x01\n\x0cNotification\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x38\n\x04kind\x18\x03 \x01(\x0e\x32*.tidings.notifications.v1.NotificationKind\x12\r\n\x05title\x18\x04 \x01(\t\x12\x0c\n\x04\x62ody\x18\x05 \x01(\t\x12\x17\n\x0fsource_event_id\x18\x06 \x01(\t\x12.\n\nevent_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xa2\x01\n\x10NotificationKind\x12!\n\x1dNOTIFICATION_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19NOTIFICATION_KIND_WELCOME\x10\x01\x12%\n!NOTIFICATION_KIND_PROFILE_UPDATED\x10\x02\x12%\n!NOTIFICATION_KIND_ACCOUNT_DELETED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+tidings/notifications/v1/notification.proto\x12\x18tidings.notifications.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfc\x01\n\x0cNotification\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x38\n\x04kind\x18\x03 \x01(\x0e\x32*.tidings.notifications.v1.NotificationKind\x12\r\n\x05title\x18\x04 \x01(\t\x12\x0c\n\x04\x62ody\x18\x05 \x01(\t\x12\x17\n\x0fsource_event_id\x18\x06 \x01(\t\x12.\n\nevent_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x96\x02\n\x10NotificationKind\x12!\n\x1dNOTIFICATION_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19NOTIFICATION_KIND_WELCOME\x10\x01\x12%\n!NOTIFICATION_KIND_PROFILE_UPDATED\x10\x02\x12%\n!NOTIFICATION_KIND_ACCOUNT_DELETED\x10\x03\x12%\n!NOTIFICATION_KIND_ORDER_CONFIRMED\x10\x04\x12$\n NOTIFICATION_KIND_ORDER_REJECTED\x10\x05\x12%\n!NOTIFICATION_KIND_ORDER_CANCELLED\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,7 +33,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tidings.notifications.v1.no
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NOTIFICATIONKIND']._serialized_start=362
-  _globals['_NOTIFICATIONKIND']._serialized_end=524
+  _globals['_NOTIFICATIONKIND']._serialized_end=640
   _globals['_NOTIFICATION']._serialized_start=107
   _globals['_NOTIFICATION']._serialized_end=359
 # @@protoc_insertion_point(module_scope)

@@ -15,10 +15,16 @@ class NotificationKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NOTIFICATION_KIND_WELCOME: _ClassVar[NotificationKind]
     NOTIFICATION_KIND_PROFILE_UPDATED: _ClassVar[NotificationKind]
     NOTIFICATION_KIND_ACCOUNT_DELETED: _ClassVar[NotificationKind]
+    NOTIFICATION_KIND_ORDER_CONFIRMED: _ClassVar[NotificationKind]
+    NOTIFICATION_KIND_ORDER_REJECTED: _ClassVar[NotificationKind]
+    NOTIFICATION_KIND_ORDER_CANCELLED: _ClassVar[NotificationKind]
 NOTIFICATION_KIND_UNSPECIFIED: NotificationKind
 NOTIFICATION_KIND_WELCOME: NotificationKind
 NOTIFICATION_KIND_PROFILE_UPDATED: NotificationKind
 NOTIFICATION_KIND_ACCOUNT_DELETED: NotificationKind
+NOTIFICATION_KIND_ORDER_CONFIRMED: NotificationKind
+NOTIFICATION_KIND_ORDER_REJECTED: NotificationKind
+NOTIFICATION_KIND_ORDER_CANCELLED: NotificationKind
 
 class Notification(_message.Message):
     __slots__ = ("id", "user_id", "kind", "title", "body", "source_event_id", "event_time", "create_time")

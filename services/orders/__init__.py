@@ -1,0 +1,1 @@
+"""The orders service: places orders and orchestrates the order saga."""

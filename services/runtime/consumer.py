@@ -122,9 +122,21 @@ class EventConsumer:
 
     async def run(self) -> None:
         """Fetch and apply batches until stop() is called."""
+        stop_requested = asyncio.ensure_future(self._stopping.wait())
         while not self._stopping.is_set():
+            fetch = asyncio.ensure_future(
+                self._subscription.fetch(self._settings.batch_size, timeout=1.0)
+            )
+            # Waiting on stop too lets shutdown skip the rest of an idle fetch.
+            # Messages of a cancelled fetch are not acked, so JetStream
+            # redelivers them after ack_wait; none is lost.
+            await asyncio.wait({fetch, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
+            if not fetch.done():
+                fetch.cancel()
+                await asyncio.gather(fetch, return_exceptions=True)
+                break
             try:
-                messages = await self._subscription.fetch(self._settings.batch_size, timeout=1.0)
+                messages = fetch.result()
             except (NatsTimeoutError, TimeoutError):
                 continue
             except (NatsError, JetStreamError) as exc:
@@ -137,6 +149,7 @@ class EventConsumer:
                 continue
             await self._apply_batch(messages)
 
+        stop_requested.cancel()
         # An open pull subscription would hold up the connection's drain.
         with contextlib.suppress(NatsError, JetStreamError):
             await self._subscription.unsubscribe()

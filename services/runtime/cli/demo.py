@@ -9,6 +9,7 @@ import grpc
 from opentelemetry import trace
 
 from observability.tracing import configure_tracing, shutdown_tracing
+from services.runtime.cli.demo_saga import run_order_demo
 from services.runtime.clients import traced_channel
 from services.runtime.config import Settings
 from tidings.notifications.v1 import notification_service_pb2, notification_service_pb2_grpc
@@ -39,6 +40,9 @@ async def run_demo(settings: Settings, *, users: int, timeout: float) -> int:
                 await _rename_first(tracer, user_stub, created[0])
             for user, trace_id in created:
                 await _wait_for_notification(notification_stub, user, trace_id, timeout)
+            if created and not await run_order_demo(settings, created[0][0].id, timeout):
+                print("demo failed: an order did not end as expected; see the lines above")
+                return 1
     except grpc.aio.AioRpcError as exc:
         print(f"demo failed: {exc.code().name}: {exc.details()}")
         if exc.code() == grpc.StatusCode.UNAVAILABLE:

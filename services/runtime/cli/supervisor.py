@@ -23,7 +23,7 @@ from services.runtime.errors import ConfigurationError
 logger = logging.getLogger(__name__)
 
 # Services started by `tidings up`, in start order.
-SERVICES = ("users", "notifications")
+SERVICES = ("users", "inventory", "payments", "orders", "notifications")
 
 READY_TIMEOUT = 60.0
 

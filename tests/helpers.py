@@ -7,6 +7,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
 from services.runtime.config import Settings
 from services.runtime.service import Service, ServiceSpec
 
@@ -35,3 +39,27 @@ async def wait_for(
             if result:
                 return result
             await asyncio.sleep(interval)
+
+
+def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
+    """Return the BadRequest field violations of a failed call, field path to description."""
+    status = rpc_status.from_call(error)
+    assert status is not None, "no google.rpc.Status in the trailers"
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            return {v.field: v.description for v in bad_request.field_violations}
+    return {}
+
+
+def error_reason(error: grpc.aio.AioRpcError) -> str:
+    """Return the ErrorInfo reason of a failed call, or an empty string."""
+    status = rpc_status.from_call(error)
+    assert status is not None, "no google.rpc.Status in the trailers"
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.reason
+    return ""

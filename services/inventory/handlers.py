@@ -32,7 +32,6 @@ class OrderEventHandlers:
     """
 
     def __init__(self, runtime: Runtime) -> None:
-        self._database = runtime.database
         self._outbox = runtime.outbox
 
     def by_type(self) -> dict[str, Handler]:
@@ -146,7 +145,7 @@ class OrderEventHandlers:
         """Release the stock of a rejected or cancelled order and mark the order closed."""
         assert isinstance(message, (order_events_pb2.OrderRejected, order_events_pb2.OrderCancelled))
         order_id = message.order.id
-        await store.close_order(tx, self._database, order_id)
+        await store.close_order(tx, order_id)
         found = await store.get_reservation(tx, order_id)
         if found is None:
             logger.info("closed order has no reservation; nothing to release",

@@ -19,6 +19,7 @@ from services.runtime.validation import (
     Violations,
     check_id,
     check_page_size,
+    check_range,
     check_request_id,
     check_text,
 )
@@ -48,8 +49,8 @@ class InventoryServicer(inventory_service_pb2_grpc.InventoryServiceServicer):
     ) -> inventory_service_pb2.CreateProductResponse:
         violations = Violations()
         name = check_text(violations, "product.name", request.product.name, max_length=MAX_NAME_LENGTH)
-        _check_range(violations, "product.price_cents", request.product.price_cents, MAX_PRICE_CENTS)
-        _check_range(violations, "product.stock", request.product.stock, MAX_STOCK)
+        check_range(violations, "product.price_cents", request.product.price_cents, 0, MAX_PRICE_CENTS)
+        check_range(violations, "product.stock", request.product.stock, 0, MAX_STOCK)
         check_request_id(violations, "request_id", request.request_id)
         violations.raise_if_any()
 
@@ -117,10 +118,10 @@ class InventoryServicer(inventory_service_pb2_grpc.InventoryServiceServicer):
                 violations, "product.name", request.product.name, max_length=MAX_NAME_LENGTH
             )
         if "price_cents" in requested:
-            _check_range(violations, "product.price_cents", request.product.price_cents, MAX_PRICE_CENTS)
+            check_range(violations, "product.price_cents", request.product.price_cents, 0, MAX_PRICE_CENTS)
             values["price_cents"] = request.product.price_cents
         if "stock" in requested:
-            _check_range(violations, "product.stock", request.product.stock, MAX_STOCK)
+            check_range(violations, "product.stock", request.product.stock, 0, MAX_STOCK)
             values["stock"] = request.product.stock
         violations.raise_if_any()
 
@@ -178,11 +179,6 @@ async def _with_race_retry(attempt: Callable[[], Awaitable[ResponseT]]) -> Respo
         return await attempt()
     except IntegrityError:
         return await attempt()
-
-
-def _check_range(violations: Violations, field: str, value: int, maximum: int) -> None:
-    if not 0 <= value <= maximum:
-        violations.add(field, f"is {value}; send a value from 0 to {maximum}")
 
 
 def _check_update_mask(

@@ -20,7 +20,7 @@ from sqlalchemy import (
     update,
 )
 
-from services.runtime.database import Database, Transaction, as_utc
+from services.runtime.database import Transaction, as_utc
 from services.runtime.errors import FailedPrecondition, NotFound
 from tidings.inventory.v1 import product_pb2
 
@@ -300,10 +300,10 @@ async def set_reservation_state(tx: Transaction, order_id: str, state: int) -> A
     ).one()
 
 
-async def close_order(tx: Transaction, database: Database, order_id: str) -> None:
+async def close_order(tx: Transaction, order_id: str) -> None:
     """Record that an order was rejected or cancelled; closing it again changes nothing."""
     await tx.execute(
-        database.insert_ignoring_conflicts(closed_orders).values(
+        tx.insert_ignoring_conflicts(closed_orders).values(
             order_id=order_id, closed_at=datetime.now(UTC)
         )
     )

@@ -31,7 +31,6 @@ class PaymentHandlers:
     """Handlers that apply order events to wallets and payments and write the payment events."""
 
     def __init__(self, runtime: Runtime) -> None:
-        self._database = runtime.database
         self._outbox = runtime.outbox
 
     def by_event_type(self) -> dict[str, Handler]:
@@ -105,7 +104,7 @@ class PaymentHandlers:
             return
 
         await store.lock_order(tx, order_id)
-        await store.close_order(tx, self._database, order_id)
+        await store.close_order(tx, order_id)
         row = await store.mark_refunded(tx, order_id)
         if row is None:
             logger.info("order closed with no captured payment to refund", extra=fields)

@@ -51,7 +51,7 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
             )
             if replayed is not None:
                 return replayed
-            row = await store.top_up(tx, self._database, user_id, request.amount_cents)
+            row = await store.top_up(tx, user_id, request.amount_cents)
             response = payment_service_pb2.TopUpResponse(wallet=store.to_wallet_message(row))
             await self._request_log.record(tx, "TopUp", request, response)
         logger.info(

@@ -14,12 +14,11 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
-    func,
     select,
     update,
 )
 
-from services.runtime.database import Database, Transaction, as_utc
+from services.runtime.database import Transaction, as_utc
 from services.runtime.errors import NotFound
 from tidings.payments.v1 import payment_pb2
 
@@ -80,11 +79,11 @@ def to_payment_message(row: Any) -> payment_pb2.Payment:
     return payment
 
 
-async def top_up(tx: Transaction, database: Database, user_id: str, amount_cents: int) -> Any:
+async def top_up(tx: Transaction, user_id: str, amount_cents: int) -> Any:
     """Add amount_cents to a user's wallet, creating the wallet on first use, and return its row."""
     now = datetime.now(UTC)
     await tx.execute(
-        database.insert_ignoring_conflicts(wallets).values(
+        tx.insert_ignoring_conflicts(wallets).values(
             user_id=user_id, balance_cents=0, topped_up_cents=0, create_time=now, update_time=now
         )
     )
@@ -207,10 +206,10 @@ async def mark_refunded(tx: Transaction, order_id: str) -> Any | None:
     return await get_payment(tx, order_id)
 
 
-async def close_order(tx: Transaction, database: Database, order_id: str) -> None:
+async def close_order(tx: Transaction, order_id: str) -> None:
     """Record that an order was rejected or cancelled; a second record of it is ignored."""
     await tx.execute(
-        database.insert_ignoring_conflicts(closed_orders).values(
+        tx.insert_ignoring_conflicts(closed_orders).values(
             order_id=order_id, closed_at=datetime.now(UTC)
         )
     )
@@ -223,16 +222,12 @@ async def is_order_closed(tx: Transaction, order_id: str) -> bool:
 
 
 async def lock_order(tx: Transaction, order_id: str) -> None:
-    """Make the transactions that handle one order run one after another on PostgreSQL.
+    """Make the transactions that handle one order run one after another.
 
     Without it, a capture and a cancellation of one order handled by two
-    consumer replicas could each miss the other's uncommitted row, leaving a
-    capture that is never refunded. The transaction-scoped advisory lock is
-    keyed by a 64-bit hash of the order id, so a hash collision only makes
-    two orders wait for each other. SQLite needs no lock because it runs one write
-    transaction at a time.
+    consumer replicas on PostgreSQL could each miss the other's uncommitted
+    row, leaving a capture that is never refunded.
     """
-    # NOTE: no test runs this branch, because the tests use SQLite only.
-    if tx.connection.dialect.name != "postgresql":
-        return
-    await tx.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(order_id, 0))))
+    # NOTE: the PostgreSQL branch of Transaction.lock is not run by the tests,
+    # which use SQLite.
+    await tx.lock(f"order:{order_id}")

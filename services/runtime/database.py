@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import MetaData, Table, event
+from sqlalchemy import MetaData, Table, event, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -42,6 +42,26 @@ class Transaction:
     async def execute(self, statement: Any, parameters: Any = None) -> Any:
         """Execute a SQLAlchemy statement in this transaction."""
         return await self.connection.execute(statement, parameters)
+
+    @property
+    def is_sqlite(self) -> bool:
+        """Whether the database is SQLite (else PostgreSQL)."""
+        return self.connection.dialect.name == "sqlite"
+
+    def insert_ignoring_conflicts(self, table: Table) -> Any:
+        """Return an INSERT that skips rows violating a unique constraint."""
+        return _insert_ignoring_conflicts(self.is_sqlite, table)
+
+    async def lock(self, key: str) -> None:
+        """Hold a lock on key until this transaction ends, so work on one key runs serially.
+
+        On PostgreSQL this is a transaction-scoped advisory lock on a 64-bit
+        hash of key (a collision only makes two keys wait for each other).
+        SQLite needs none because it runs one write transaction at a time.
+        """
+        if self.is_sqlite:
+            return
+        await self.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(key, 0))))
 
 
 class Database:
@@ -74,12 +94,16 @@ class Database:
 
     def insert_ignoring_conflicts(self, table: Table) -> Any:
         """Return an INSERT that skips rows violating a unique constraint."""
-        dialect_insert = sqlite.insert if self.is_sqlite else postgresql.insert
-        return dialect_insert(table).on_conflict_do_nothing()
+        return _insert_ignoring_conflicts(self.is_sqlite, table)
 
     async def close(self) -> None:
         """Close every pooled connection."""
         await self.engine.dispose()
+
+
+def _insert_ignoring_conflicts(is_sqlite: bool, table: Table) -> Any:
+    dialect_insert = sqlite.insert if is_sqlite else postgresql.insert
+    return dialect_insert(table).on_conflict_do_nothing()
 
 
 def as_utc(value: datetime) -> datetime:

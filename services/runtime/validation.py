@@ -98,3 +98,9 @@ def check_page_size(violations: Violations, field: str, value: int) -> int:
     if value == 0:
         return DEFAULT_PAGE_SIZE
     return min(value, MAX_PAGE_SIZE)
+
+
+def check_range(violations: Violations, field: str, value: int, minimum: int, maximum: int) -> None:
+    """Check that an integer field is within minimum..maximum, both included."""
+    if not minimum <= value <= maximum:
+        violations.add(field, f"is {value}; send a value from {minimum} to {maximum}")

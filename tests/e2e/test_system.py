@@ -12,10 +12,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import uuid
 from collections.abc import Iterator
-from concurrent import futures
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,14 +23,11 @@ import grpc
 import nats
 import pytest
 from opentelemetry import trace
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-from opentelemetry.proto.common.v1 import common_pb2
-from opentelemetry.proto.trace.v1 import trace_pb2
-from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.runtime.cli.embedded_nats import free_port
 from services.runtime.clients import traced_channel
+from tests.e2e.otlp_receiver import CollectedSpan, OtlpTraceReceiver, from_sdk_span, serve_otlp_receiver
 from tests.e2e.processes import (
     ChildProcess,
     clean_environment,
@@ -58,82 +53,6 @@ TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
 STARTED_LINE = re.compile(r"^started ([\w-]+) \(pid (\d+)\)", re.MULTILINE)
 
 
-@dataclass(frozen=True)
-class CollectedSpan:
-    """One finished span, from the OTLP receiver or from this test process."""
-
-    service: str
-    trace_id: str
-    span_id: str
-    parent_span_id: str | None
-    name: str
-    kind: str
-    attributes: dict[str, Any]
-
-    def describe(self) -> str:
-        return f"{self.service} {self.kind} {self.name!r} span {self.span_id} parent {self.parent_span_id}"
-
-
-class OtlpTraceReceiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """OTLP/gRPC trace endpoint that keeps every span it receives."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._spans: list[CollectedSpan] = []
-        self.port = 0
-
-    def Export(
-        self, request: trace_service_pb2.ExportTraceServiceRequest, context: grpc.ServicerContext
-    ) -> trace_service_pb2.ExportTraceServiceResponse:
-        received = []
-        for resource_spans in request.resource_spans:
-            resource = _attributes(resource_spans.resource.attributes)
-            service = str(resource.get("service.name", ""))
-            for scope_spans in resource_spans.scope_spans:
-                for span in scope_spans.spans:
-                    received.append(
-                        CollectedSpan(
-                            service=service,
-                            trace_id=span.trace_id.hex(),
-                            span_id=span.span_id.hex(),
-                            parent_span_id=span.parent_span_id.hex() or None,
-                            name=span.name,
-                            kind=trace_pb2.Span.SpanKind.Name(span.kind).removeprefix("SPAN_KIND_"),
-                            attributes=_attributes(span.attributes),
-                        )
-                    )
-        with self._lock:
-            self._spans.extend(received)
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-    def spans_of_trace(self, trace_id: str) -> list[CollectedSpan]:
-        with self._lock:
-            return [span for span in self._spans if span.trace_id == trace_id]
-
-
-def _attributes(key_values: Any) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key_value in key_values:
-        value: common_pb2.AnyValue = key_value.value
-        kind = value.WhichOneof("value")
-        result[key_value.key] = getattr(value, kind) if kind else None
-    return result
-
-
-def _from_sdk(span: ReadableSpan) -> CollectedSpan:
-    context = span.get_span_context()
-    assert context is not None
-    return CollectedSpan(
-        service="test",
-        trace_id=format(context.trace_id, "032x"),
-        span_id=format(context.span_id, "016x"),
-        parent_span_id=format(span.parent.span_id, "016x") if span.parent else None,
-        name=span.name,
-        kind=span.kind.name,
-        attributes=dict(span.attributes or {}),
-    )
-
-
 @dataclass
 class RunningSystem:
     """`tidings up` after it printed "tidings is ready"."""
@@ -149,15 +68,8 @@ class RunningSystem:
 @pytest.fixture
 def otlp_receiver() -> Iterator[OtlpTraceReceiver]:
     """An OTLP/gRPC trace receiver on a free loopback port, served from its own threads."""
-    receiver = OtlpTraceReceiver()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
-    receiver.port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
+    with serve_otlp_receiver() as receiver:
         yield receiver
-    finally:
-        server.stop(grace=None)
 
 
 def _tidings_command() -> list[str]:
@@ -353,7 +265,7 @@ async def test_user_creation_end_to_end(
         pytest.fail(f"the OTLP receiver did not get all of {sorted(expected_service_spans)} for trace "
                     f"{trace_id} within {EVENT_TIMEOUT}s. Spans of the trace so far:\n{found}")
 
-    test_spans = [_from_sdk(s) for s in spans.get_finished_spans()]
+    test_spans = [from_sdk_span(s) for s in spans.get_finished_spans()]
     test_spans = [s for s in test_spans if s.trace_id == trace_id]
     service_spans = otlp_receiver.spans_of_trace(trace_id)
     trace_spans = test_spans + service_spans

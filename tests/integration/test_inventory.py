@@ -11,8 +11,6 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf.message import Message
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -24,7 +22,7 @@ from services.runtime.cli.embedded_nats import free_port
 from services.runtime.config import Settings
 from services.runtime.events import cloudevent_headers
 from services.runtime.service import Service
-from tests.helpers import running_service, wait_for
+from tests.helpers import error_reason, field_violations, running_service, wait_for
 from tidings.inventory.v1 import (
     inventory_events_pb2,
     inventory_service_pb2,
@@ -90,28 +88,6 @@ async def get_product(stub: InventoryStub, product_id: str) -> product_pb2.Produ
 async def get_reservation(stub: InventoryStub, order_id: str) -> product_pb2.Reservation:
     request = inventory_service_pb2.GetReservationRequest(order_id=order_id)
     return (await stub.GetReservation(request)).reservation
-
-
-def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
-    status = rpc_status.from_call(error)
-    assert status is not None, "no google.rpc.Status in the trailers"
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad_request = error_details_pb2.BadRequest()
-            detail.Unpack(bad_request)
-            return {v.field: v.description for v in bad_request.field_violations}
-    return {}
-
-
-def error_reason(error: grpc.aio.AioRpcError) -> str:
-    status = rpc_status.from_call(error)
-    assert status is not None, "no google.rpc.Status in the trailers"
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info.reason
-    return ""
 
 
 async def count_rows(service: Service, table: Table) -> int:

@@ -17,8 +17,7 @@ from services.runtime.clients import traced_channel
 from services.runtime.config import Settings
 from services.runtime.events import cloudevent_headers
 from services.runtime.service import Service
-from tests.helpers import running_service, wait_for
-from tests.integration.test_users_api import field_violations
+from tests.helpers import field_violations, running_service, wait_for
 from tidings.inventory.v1 import inventory_events_pb2, product_pb2
 from tidings.orders.v1 import order_events_pb2, order_pb2, order_service_pb2, order_service_pb2_grpc
 from tidings.payments.v1 import payment_events_pb2, payment_pb2

@@ -10,8 +10,6 @@ from datetime import UTC, datetime
 import grpc
 import pytest
 from google.protobuf.message import Message
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -24,7 +22,7 @@ from services.runtime.config import Settings
 from services.runtime.consumer import EventConsumer
 from services.runtime.events import cloudevent_headers
 from services.runtime.service import Service
-from tests.helpers import running_service, wait_for
+from tests.helpers import error_reason, field_violations, running_service, wait_for
 from tidings.orders.v1 import order_events_pb2, order_pb2
 from tidings.payments.v1 import (
     payment_events_pb2,
@@ -150,28 +148,6 @@ async def next_event(subscription: JetStreamContext.PushSubscription) -> tuple[M
     """Return the next payment event and its decoded body."""
     received = await subscription.next_msg(timeout=10)
     return received, EVENT_TYPES[received.subject].FromString(received.data)
-
-
-def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
-    status = rpc_status.from_call(error)
-    assert status is not None, "no google.rpc.Status in the trailers"
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad_request = error_details_pb2.BadRequest()
-            detail.Unpack(bad_request)
-            return {v.field: v.description for v in bad_request.field_violations}
-    return {}
-
-
-def error_reason(error: grpc.aio.AioRpcError) -> str:
-    status = rpc_status.from_call(error)
-    assert status is not None, "no google.rpc.Status in the trailers"
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info.reason
-    return ""
 
 
 async def count_rows(service: Service, table: Table) -> int:

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from nats.aio.client import Client as NATS
 from sqlalchemy import func, select
 
 from services.runtime.service import Service
-from tests.helpers import wait_for
+from tests.helpers import error_reason, field_violations, wait_for
 from tidings.users.v1 import user_events_pb2, user_pb2, user_service_pb2, user_service_pb2_grpc
 
 UserStub = user_service_pb2_grpc.UserServiceStub
@@ -20,28 +18,6 @@ def create_request(email: str = "ada@example.com", name: str = "Ada", request_id
     return user_service_pb2.CreateUserRequest(
         user=user_pb2.User(email=email, display_name=name), request_id=request_id
     )
-
-
-def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
-    status = rpc_status.from_call(error)
-    assert status is not None, "no google.rpc.Status in the trailers"
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad_request = error_details_pb2.BadRequest()
-            detail.Unpack(bad_request)
-            return {v.field: v.description for v in bad_request.field_violations}
-    return {}
-
-
-def error_reason(error: grpc.aio.AioRpcError) -> str:
-    status = rpc_status.from_call(error)
-    assert status is not None, "no google.rpc.Status in the trailers"
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info.reason
-    return ""
 
 
 async def stream_messages(nats_client: NATS, stream: str = "USERS") -> int:

@@ -113,6 +113,8 @@ async def _wait_for_notification(
         raise TimeoutError(
             f"no notification for user {user.id} within {timeout}s; check the notifications log"
         ) from None
-    for notification in response.notifications:
-        print(f"[trace {trace_id}] notification for {user.id}: {notification.title!r} "
-              f"(event {notification.source_event_id})")
+    # The first notification is the welcome message caused by CreateUser, so
+    # it belongs to that call's trace; later ones come from other calls.
+    welcome = response.notifications[0]
+    print(f"[trace {trace_id}] notification for {user.id}: {welcome.title!r} "
+          f"(event {welcome.source_event_id})")

@@ -1,13 +1,22 @@
 """Database engine and transactions: SQLite by default, PostgreSQL by URL.
 
-SQLite allows one writer at a time, so a SQLite database gets one pooled
-connection and every transaction starts with ``BEGIN IMMEDIATE``: concurrent
-handlers queue for the connection instead of failing with "database is
-locked", and a second process on the same file waits up to ``busy_timeout``.
+SQLite runs one writer at a time, so a service's SQLite database has one
+connection, used through the standard ``sqlite3`` driver directly on the
+event loop thread: each transaction takes an asyncio lock, starts with
+``BEGIN IMMEDIATE`` and runs its statements without leaving the thread. A
+statement on a local WAL database takes microseconds, while the thread hop of
+an async driver per statement costs far more, and transactions queue for the
+lock instead of failing with "database is locked". A second process on the
+same file (a replica) waits up to ``busy_timeout`` for the write lock, which
+blocks that process's event loop meanwhile.
+
+PostgreSQL uses asyncpg through SQLAlchemy's asyncio engine and a pool.
+Transaction hides the difference: its methods are awaited either way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -15,10 +24,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import MetaData, Table, event, func, select
+from sqlalchemy import Connection, Engine, MetaData, Table, create_engine, event, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import StaticPool
 
 from observability.logging import redact_url
 from services.runtime.errors import ConfigurationError
@@ -31,7 +41,7 @@ _SQLITE_BUSY_TIMEOUT_MS = 30_000
 class Transaction:
     """An open database transaction plus callbacks to run once it commits."""
 
-    def __init__(self, connection: AsyncConnection) -> None:
+    def __init__(self, connection: AsyncConnection | Connection) -> None:
         self.connection = connection
         self._after_commit: list[Callable[[], None]] = []
 
@@ -40,8 +50,10 @@ class Transaction:
         self._after_commit.append(callback)
 
     async def execute(self, statement: Any, parameters: Any = None) -> Any:
-        """Execute a SQLAlchemy statement in this transaction."""
-        return await self.connection.execute(statement, parameters)
+        """Execute a SQLAlchemy statement in this transaction and return its buffered result."""
+        if isinstance(self.connection, AsyncConnection):
+            return await self.connection.execute(statement, parameters)
+        return self.connection.execute(statement, parameters)
 
     @property
     def is_sqlite(self) -> bool:
@@ -70,25 +82,48 @@ class Database:
     def __init__(self, url: str, metadata: MetaData) -> None:
         self.url = url
         self.metadata = metadata
-        self.engine: AsyncEngine = _create_engine(url)
+        self._sqlite: Engine | None = None
+        self._async: AsyncEngine | None = None
+        backend = make_url(url).get_backend_name()
+        if backend == "sqlite":
+            self._sqlite = _create_sqlite_engine(url)
+            self._sqlite_lock = asyncio.Lock()
+        elif backend == "postgresql":
+            self._async = create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+        else:
+            raise ConfigurationError(
+                f"invalid TIDINGS_DATABASE_URL={redact_url(url)!r}: use sqlite:///PATH "
+                "or postgresql+asyncpg://USER@HOST/DB"
+            )
 
     @property
     def is_sqlite(self) -> bool:
         """Whether the database is SQLite (else PostgreSQL)."""
-        return self.engine.dialect.name == "sqlite"
+        return self._sqlite is not None
 
     async def create_schema(self) -> None:
         """Create missing tables and indexes; existing ones are left as they are."""
-        async with self.engine.begin() as connection:
-            await connection.run_sync(self.metadata.create_all)
+        if self._sqlite is not None:
+            self.metadata.create_all(self._sqlite)
+        else:
+            assert self._async is not None
+            async with self._async.begin() as connection:
+                await connection.run_sync(self.metadata.create_all)
         logger.info("database ready", extra={"database": redact_url(self.url)})
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:
         """Open a transaction that commits on exit and rolls back on an exception."""
-        async with self.engine.begin() as connection:
-            tx = Transaction(connection)
-            yield tx
+        if self._sqlite is not None:
+            async with self._sqlite_lock:
+                with self._sqlite.begin() as connection:
+                    tx = Transaction(connection)
+                    yield tx
+        else:
+            assert self._async is not None
+            async with self._async.begin() as async_connection:
+                tx = Transaction(async_connection)
+                yield tx
         for callback in tx._after_commit:
             callback()
 
@@ -97,8 +132,11 @@ class Database:
         return _insert_ignoring_conflicts(self.is_sqlite, table)
 
     async def close(self) -> None:
-        """Close every pooled connection."""
-        await self.engine.dispose()
+        """Close every connection."""
+        if self._sqlite is not None:
+            self._sqlite.dispose()
+        if self._async is not None:
+            await self._async.dispose()
 
 
 def _insert_ignoring_conflicts(is_sqlite: bool, table: Table) -> Any:
@@ -111,25 +149,19 @@ def as_utc(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def _create_engine(url: str) -> AsyncEngine:
-    parsed = make_url(url)
-    backend = parsed.get_backend_name()
-
-    if backend == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=120)
-        event.listen(engine.sync_engine, "connect", _configure_sqlite_connection)
-        event.listen(engine.sync_engine, "begin", _begin_immediate)
-        return engine
-
-    if backend == "postgresql":
-        return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
-
-    raise ConfigurationError(
-        f"invalid TIDINGS_DATABASE_URL={redact_url(url)!r}: use sqlite+aiosqlite:///PATH "
-        "or postgresql+asyncpg://USER@HOST/DB"
+def _create_sqlite_engine(url: str) -> Engine:
+    # The default URL names the aiosqlite driver; the file is the same for sqlite3.
+    parsed = make_url(url).set(drivername="sqlite")
+    if parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        parsed,
+        poolclass=StaticPool,
+        connect_args={"check_same_thread": False, "timeout": _SQLITE_BUSY_TIMEOUT_MS / 1000},
     )
+    event.listen(engine, "connect", _configure_sqlite_connection)
+    event.listen(engine, "begin", _begin_immediate)
+    return engine
 
 
 def _configure_sqlite_connection(dbapi_connection: Any, _record: Any) -> None:

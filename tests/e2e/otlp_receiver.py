@@ -25,7 +25,7 @@ class CollectedSpan:
     """One finished span, from the OTLP receiver or from this test process.
 
     Attributes:
-        service: ``service.name`` of the span's resource; ``test`` for spans of this process.
+        service: ``service.name`` of the span's resource, or ``test`` for spans of this process.
         linked_span_ids: Span ids of the span's links, in hex.
         start_time_ns: Start time in nanoseconds since the epoch.
     """

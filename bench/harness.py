@@ -1,0 +1,250 @@
+"""`tidings bench`: run every phase once, print the tables and write the results page."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench.phases import Load, measure_grpc, measure_naive_pipeline, measure_nats_publish
+from bench.processes import (
+    ProcessSet,
+    ProcessUsage,
+    cpu_seconds,
+    machine_busy_seconds,
+    own_cpu_seconds,
+    peak_rss_kib,
+)
+from bench.report import Report, invoked_command, render_markdown, render_text
+from bench.results import PhaseResult
+from bench.servers import NAIVE_BODY_SIZE, NAIVE_FETCH_BATCH
+from bench.tidings_path import BSP_SCHEDULE_DELAY_MS, measure_tidings
+
+MAX_WARMUP_CALLS = 200
+
+Measure = Callable[[PhaseResult], Awaitable[None]]
+
+
+def warmup_calls_for(calls: int) -> int:
+    """Return the number of unmeasured warm-up calls per phase: a tenth of calls, 10 to MAX_WARMUP_CALLS."""
+    return min(MAX_WARMUP_CALLS, max(10, calls // 10))
+
+
+async def run_benchmark(*, calls: int, concurrency: int, output: str | None) -> int:
+    """Run every phase once, print the tables and write the Markdown page to output.
+
+    Returns:
+        0 when every phase finished without a failed call, 1 otherwise, 2 for
+        invalid options.
+    """
+    problem = _check_options(calls, concurrency, output)
+    if problem is not None:
+        print(f"bench: {problem}", file=sys.stderr)
+        return 2
+
+    load = Load(calls=calls, concurrency=concurrency, warmup_calls=warmup_calls_for(calls))
+    date = datetime.now(UTC)
+    started = time.monotonic()
+    load_at_start = os.getloadavg()[0]
+    busy_at_start, own_at_start = machine_busy_seconds(), own_cpu_seconds()
+    try:
+        phases, usage = await _run_with_sigterm_cancel(load)
+    except BenchTerminated:
+        print("bench: stopped by SIGTERM after stopping every process it started", file=sys.stderr)
+        return 143
+    own_cpu_s = own_cpu_seconds() - own_at_start
+    harness = ProcessUsage(
+        "harness (load generator, all phases)", os.getpid(), peak_rss_kib("self"), cpu_seconds("self")
+    )
+    report = Report(
+        date=date,
+        command=invoked_command(),
+        calls=calls,
+        concurrency=concurrency,
+        warmup_calls=load.warmup_calls,
+        run_seconds=time.monotonic() - started,
+        phases={phase.key: phase for phase in phases},
+        usage=usage,
+        harness=harness,
+        load_average=(load_at_start, os.getloadavg()[0]),
+        own_cpu_s=own_cpu_s,
+        other_cpu_s=max(0.0, machine_busy_seconds() - busy_at_start - own_cpu_s),
+    )
+
+    print(render_text(report), flush=True)
+    if output is not None:
+        _write_page(Path(output), render_markdown(report, measurement_notes(load)))
+        print(f"\nbench: wrote {output}", flush=True)
+    return 0 if all(phase.ok for phase in phases) else 1
+
+
+def _write_page(path: Path, text: str) -> None:
+    path.write_text(text)
+
+
+def _check_options(calls: int, concurrency: int, output: str | None) -> str | None:
+    if calls < 1:
+        return f"invalid --calls {calls}: use 1 or more"
+    if concurrency < 1:
+        return f"invalid --concurrency {concurrency}: use 1 or more"
+    if output is not None and not Path(output).resolve().parent.is_dir():
+        return f"invalid --output {output}: directory {Path(output).resolve().parent} does not exist"
+    return None
+
+
+class BenchTerminated(Exception):
+    """The harness received SIGTERM and stopped its children."""
+
+
+async def _run_with_sigterm_cancel(load: Load) -> tuple[list[PhaseResult], list[ProcessUsage]]:
+    """Run the phases, and let SIGTERM cancel the run so that the finally blocks still stop every child.
+
+    Raises:
+        BenchTerminated: SIGTERM arrived during the run.
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    terminated = asyncio.Event()
+
+    def on_sigterm() -> None:
+        terminated.set()
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    try:
+        with tempfile.TemporaryDirectory(prefix="tidings-bench-") as work:
+            return await _run_phases(load, Path(work))
+    except asyncio.CancelledError:
+        if not terminated.is_set():
+            raise
+        task.uncancel()
+        raise BenchTerminated() from None
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
+async def _run_phases(load: Load, work_dir: Path) -> tuple[list[PhaseResult], list[ProcessUsage]]:
+    processes = ProcessSet(work_dir)
+    plan: list[tuple[PhaseResult, Measure]] = [
+        (PhaseResult("grpc", "bare grpc.aio unary (Health/Check)"),
+         lambda result: measure_grpc(result, processes, load)),
+        (PhaseResult("nats", "bare JetStream publish + ack"),
+         lambda result: measure_nats_publish(result, processes, load)),
+        (PhaseResult("naive", "naive pipeline (grpc.aio → publish → pull consumer)"),
+         lambda result: measure_naive_pipeline(result, processes, load, work_dir)),
+        (PhaseResult("tidings-off", "Tidings CreateUser, tracing off"),
+         lambda result: measure_tidings(result, processes, load, work_dir, tracing=False)),
+        (PhaseResult("tidings-on", "Tidings CreateUser, tracing on"),
+         lambda result: measure_tidings(result, processes, load, work_dir, tracing=True)),
+    ]
+    try:
+        for result, measure in plan:
+            await _run_phase(result, measure, processes)
+    finally:
+        await processes.stop_all()
+    return [result for result, _ in plan], processes.usage
+
+
+async def _run_phase(result: PhaseResult, measure: Measure, processes: ProcessSet) -> None:
+    """Run one phase and record a failure in the result, so the next phase still runs."""
+    print(f"bench: measuring {result.title} ...", file=sys.stderr, flush=True)
+    started = time.monotonic()
+    busy_at_start, own_at_start = machine_busy_seconds(), own_cpu_seconds()
+    try:
+        await measure(result)
+    except Exception as exc:
+        result.error = f"{type(exc).__name__}: {exc} ({_failure_location(exc)})"
+        print(f"bench: {result.title} failed: {result.error}", file=sys.stderr, flush=True)
+    finally:
+        # A failed phase can leave its processes running, and the next phase must start without them.
+        await processes.stop_all()
+    # Every child of the phase has been waited for, so own_cpu_seconds() includes its CPU time.
+    own_cpu_s = own_cpu_seconds() - own_at_start
+    result.other_cpu_s = max(0.0, machine_busy_seconds() - busy_at_start - own_cpu_s)
+    print(f"bench: {result.title} took {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
+
+
+def _failure_location(exc: BaseException) -> str:
+    """Return the innermost bench/ frame of the traceback, such as ``at bench/phases.py:120 in run``."""
+    frames = [frame for frame in traceback.extract_tb(exc.__traceback__)
+              if Path(frame.filename).parent.name == "bench"]
+    if not frames:
+        return "outside bench/"
+    frame = frames[-1]
+    return f"at bench/{Path(frame.filename).name}:{frame.lineno} in {frame.name}"
+
+
+def measurement_notes(load: Load) -> list[str]:
+    """Return the page's explanation of each figure, with this run's settings filled in."""
+    return [
+        f"- **Load.** The harness process is the only client. {load.concurrency} workers each start "
+        "their next call when the previous one returns (a closed loop), so the rate is what the "
+        "system under test sustains with that many calls in flight. Each call is timed with "
+        f"`time.perf_counter()` from just before the call until the response. Each phase first makes "
+        f"{load.warmup_calls} warm-up calls that are not measured. calls/s is the number of measured "
+        "calls that succeeded divided by the time from the first measured call's start to the last "
+        "one's end. p50 and p99 use the nearest-rank method.",
+        "- **bare grpc.aio unary**: `grpc.health.v1.Health/Check` on a grpc.aio server with no "
+        "interceptors, in its own process. No database, no NATS: the ceiling of a Python grpc.aio "
+        "client and server on this machine.",
+        f"- **bare JetStream publish + ack**: nats-py in the harness publishes a {NAIVE_BODY_SIZE}-byte "
+        "message to a file-storage stream on a nats-server of its own and awaits each ack. No gRPC.",
+        "- **naive pipeline**: a grpc.aio server process whose handler publishes the "
+        f"{NAIVE_BODY_SIZE}-byte request body to a file-storage stream and returns after the ack, and a "
+        f"second process that reads the stream through a durable pull consumer (fetches of "
+        f"{NAIVE_FETCH_BATCH}, an explicit ack per message). Its event latency runs from the "
+        "harness's wall clock at call start (carried in the body) to the consumer's wall clock when "
+        "it takes the message from the fetched batch. No database, no CloudEvents headers, no tracing.",
+        "- **Tidings CreateUser**: the users and notifications services as processes "
+        "(`python -m services.users.main`, `python -m services.notifications.main`) with their "
+        "SQLite files in a new data directory and a new nats-server per run. Each call creates a user "
+        "with a unique email and a `request_id`, so one transaction checks the email, inserts the "
+        "user, the outbox row and the request log row. The outbox relay publishes the event and the "
+        "notifications consumer stores one notification per `UserCreated`. Before the measured calls "
+        "the harness waits until the consumer acknowledged every warm-up event, so the measured run "
+        "starts with an empty pipeline.",
+        "- **event_time → notification create_time**: both stamped by the services. `event_time` is "
+        "taken when CreateUser builds the event inside its transaction, and `create_time` when the "
+        "notifications handler inserts the row, before its transaction commits. The span covers the "
+        "rest of the CreateUser transaction, the relay's read, publish and ack, the consumer's fetch "
+        "and the handler up to the insert.",
+        "- **The two stages** split that latency at the time the nats-server stored the event, read back "
+        "from the USERS stream after the run. The first stage covers the rest of the CreateUser "
+        "transaction and its commit, then the relay's wait for the database connection, its read, the "
+        "publish and the ack. The second covers the consumer's fetch and the handler up to the insert.",
+        "- **call start (harness) → notification create_time** adds the call's path up to the "
+        "handler. It is the figure to compare with the naive pipeline's event latency, which however "
+        "ends at receipt, not at a stored row.",
+        "- **pipeline events/s**: measured calls divided by the time from the first measured call's "
+        "start until the last event was received (naive) or the last notification was stored "
+        "(Tidings, the largest `create_time`). The harness detects completion from the consumer's "
+        "ack floor and then reads every notification with ListNotifications, which is not timed.",
+        "- **Tracing on**: `OTEL_TRACES_EXPORTER=otlp` to an OTLP/gRPC receiver process that the "
+        f"harness starts on loopback, which counts spans and drops them. `OTEL_BSP_SCHEDULE_DELAY="
+        f"{BSP_SCHEDULE_DELAY_MS}` ms, and the other batch span processor settings are the SDK defaults. "
+        "**Tracing off**: `OTEL_SDK_DISABLED=true`, so the gRPC interceptor, relay and consumer use "
+        "the no-op tracer. The change column is (on - off) / off. The CPU ms per measured call is "
+        "a service's user plus system time from the first measured call until the consumer "
+        "acknowledged the last measured event, divided by the measured calls. It is less sensitive "
+        "to other work on the machine than calls/s.",
+        "- **Ratios**: the Tidings figure divided by the reference figure. Below 1x on a throughput "
+        "ratio means the Tidings path does less per second, and above 1x on a latency ratio means slower.",
+        "- **Peak RSS and CPU time**: VmHWM from `/proc/PID/status` and user plus system time from "
+        "`/proc/PID/stat`, read just before the harness sent SIGTERM, so the CPU time covers start-up, "
+        "warm-up and the measured calls. The harness's own figures are read at the end and cover every "
+        "phase. CPU time of other processes is the machine's busy time from `/proc/stat` during the "
+        "run (or phase) minus that of the harness and its children. It shows how much unrelated work "
+        "shared the CPUs, and a phase with a large figure measured a busier machine.",
+        "- **Limits**: the harness, servers, nats-server and the OTLP receiver all share this "
+        "machine's CPUs, so the figures describe this machine under this load, not the capacity of a "
+        "deployment. Each phase runs once, so run the command again to see the spread between runs. "
+        "Latencies that cross processes compare wall clocks of the same machine.",
+    ]

@@ -1,0 +1,343 @@
+"""Results page of the benchmark: machine facts, tables, ratios and what each number measures."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from bench.processes import ProcessUsage
+from bench.results import PhaseResult
+from bench.stats import Latency
+from services.runtime.cli.embedded_nats import nats_server_binary
+from services.runtime.errors import ConfigurationError
+
+PACKAGES = ("grpcio", "nats-py", "opentelemetry-sdk", "SQLAlchemy", "aiosqlite", "protobuf")
+
+Table = list[list[str]]
+
+
+@dataclass
+class Report:
+    """Everything the results page shows about one run."""
+
+    date: datetime
+    command: str
+    calls: int
+    concurrency: int
+    warmup_calls: int
+    run_seconds: float
+    phases: dict[str, PhaseResult]
+    usage: list[ProcessUsage]
+    harness: ProcessUsage
+    load_average: tuple[float, float]
+    own_cpu_s: float
+    other_cpu_s: float
+
+
+def invoked_command() -> str:
+    """Return the command line this process was started with, as a user would type it."""
+    program = Path(sys.argv[0]).name
+    if program == "__main__.py":
+        program = "python -m bench"
+    return " ".join([program, *map(shlex.quote, sys.argv[1:])])
+
+
+def source_revision() -> str:
+    """Return the git commit of the project and whether tracked files had uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"unknown (git failed: {exc})"
+    return f"{commit} with uncommitted changes to tracked files" if status.strip() else commit
+
+
+def machine_facts() -> list[list[str]]:
+    """Return rows of CPU, memory, OS, Python and package versions of this machine."""
+    rows = [
+        ["CPUs available (nproc)", str(len(os.sched_getaffinity(0)))],
+        ["CPU model", _cpu_model()],
+        ["memory", _memory_total()],
+        ["OS", platform.platform()],
+        ["Python", f"{platform.python_implementation()} {platform.python_version()}"],
+    ]
+    for package in PACKAGES:
+        try:
+            rows.append([package, importlib.metadata.version(package)])
+        except importlib.metadata.PackageNotFoundError:
+            rows.append([package, "not installed"])
+    rows.append(["nats-server", _nats_server_version()])
+    return rows
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _memory_total() -> str:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    return f"{int(line.split()[1]) / 1024**2:.1f} GiB"
+    except OSError:
+        pass
+    return "unknown"
+
+
+def _nats_server_version() -> str:
+    try:
+        completed = subprocess.run(
+            [str(nats_server_binary()), "--version"], capture_output=True, text=True, timeout=10
+        )
+    except (ConfigurationError, OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown ({exc})"
+    return completed.stdout.strip().removeprefix("nats-server: ") or "unknown"
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> str:
+    if numerator is None or not denominator:
+        return "n/a"
+    ratio = numerator / denominator
+    # Two significant digits below 0.1x, so that a small ratio does not print as 0.00x.
+    return f"{ratio:.2g}x" if ratio < 0.1 else f"{ratio:.2f}x"
+
+
+def _change(off: float | None, on: float | None) -> str:
+    if off is None or on is None or not off:
+        return "n/a"
+    return f"{(on - off) / off * 100:+.1f} %"
+
+
+def _percentiles(latency: Latency | None) -> list[str]:
+    if latency is None:
+        return ["n/a", "n/a"]
+    return [_number(latency.p50_ms), _number(latency.p99_ms)]
+
+
+def _calls_per_s(phase: PhaseResult | None) -> float | None:
+    return phase.calls.calls_per_s if phase and phase.calls else None
+
+
+def _call_p50(phase: PhaseResult | None) -> float | None:
+    latency = phase.calls.latency if phase and phase.calls else None
+    return latency.p50_ms if latency else None
+
+
+def _p50(latency: Latency | None) -> float | None:
+    return latency.p50_ms if latency else None
+
+
+def throughput_table(phases: dict[str, PhaseResult]) -> Table:
+    """Return rows of calls per second, call latency and failures per phase."""
+    rows = [["phase", "calls/s", "call p50 ms", "call p99 ms", "failed calls", "other processes' CPU s"]]
+    for phase in phases.values():
+        other_cpu = _number(phase.other_cpu_s)
+        if phase.calls is None:
+            rows.append([phase.title, "failed", "", "", "", other_cpu])
+            continue
+        rows.append([
+            phase.title, _number(phase.calls.calls_per_s), *_percentiles(phase.calls.latency),
+            f"{phase.calls.errors} of {phase.calls.calls}", other_cpu,
+        ])
+    return rows
+
+
+def event_table(phases: dict[str, PhaseResult]) -> Table:
+    """Return rows of end-to-end event latency and pipeline throughput."""
+    rows = [["phase", "from → to", "p50 ms", "p99 ms", "pipeline events/s"]]
+    naive = phases.get("naive")
+    if naive is not None:
+        rows.append([naive.title, "call start (harness) → event received (consumer)",
+                     *_percentiles(naive.event_latency), _number(naive.pipeline_per_s)])
+    for key in ("tidings-off", "tidings-on"):
+        phase = phases.get(key)
+        if phase is None:
+            continue
+        rows.append([phase.title, "event_time → notification create_time",
+                     *_percentiles(phase.event_latency), _number(phase.pipeline_per_s)])
+        for stage, latency in phase.event_stages:
+            rows.append([phase.title, stage, *_percentiles(latency), ""])
+        rows.append([phase.title, "call start (harness) → notification create_time",
+                     *_percentiles(phase.start_to_stored), ""])
+    return rows
+
+
+def ratio_table(phases: dict[str, PhaseResult]) -> Table:
+    """Return rows of Tidings-path figures divided by the reference figures."""
+    grpc, publish, naive = phases.get("grpc"), phases.get("nats"), phases.get("naive")
+    rows = [["ratio", "tracing off", "tracing on"]]
+    definitions = [
+        ("CreateUser calls/s ÷ bare grpc.aio calls/s",
+         lambda tidings: _ratio(_calls_per_s(tidings), _calls_per_s(grpc))),
+        ("CreateUser calls/s ÷ bare JetStream publishes/s",
+         lambda tidings: _ratio(_calls_per_s(tidings), _calls_per_s(publish))),
+        ("CreateUser calls/s ÷ naive pipeline calls/s",
+         lambda tidings: _ratio(_calls_per_s(tidings), _calls_per_s(naive))),
+        ("pipeline events/s ÷ naive pipeline events/s",
+         lambda tidings: _ratio(tidings.pipeline_per_s if tidings else None,
+                                naive.pipeline_per_s if naive else None)),
+        ("CreateUser call p50 ÷ naive call p50 (above 1x: slower)",
+         lambda tidings: _ratio(_call_p50(tidings), _call_p50(naive))),
+        ("call start → stored p50 ÷ naive call start → received p50 (above 1x: slower)",
+         lambda tidings: _ratio(_p50(tidings.start_to_stored) if tidings else None,
+                                _p50(naive.event_latency) if naive else None)),
+    ]
+    for label, compute in definitions:
+        rows.append([label, compute(phases.get("tidings-off")), compute(phases.get("tidings-on"))])
+    return rows
+
+
+def tracing_table(phases: dict[str, PhaseResult]) -> Table:
+    """Return rows comparing the Tidings path with tracing off and on."""
+    off, on = phases.get("tidings-off"), phases.get("tidings-on")
+
+    def latency_of(phase: PhaseResult | None, pick: str) -> float | None:
+        latency = phase.calls.latency if phase and phase.calls else None
+        return getattr(latency, pick) if latency else None
+
+    measures = [
+        ("CreateUser calls/s", _calls_per_s(off), _calls_per_s(on)),
+        ("CreateUser call p50 ms", latency_of(off, "p50_ms"), latency_of(on, "p50_ms")),
+        ("CreateUser call p99 ms", latency_of(off, "p99_ms"), latency_of(on, "p99_ms")),
+        ("pipeline events/s", off.pipeline_per_s if off else None, on.pipeline_per_s if on else None),
+        ("event latency p50 ms", _p50(off.event_latency) if off else None,
+         _p50(on.event_latency) if on else None),
+    ]
+    for service in ("users", "notifications"):
+        measures.append((
+            f"{service} CPU ms per measured call",
+            off.cpu_ms_per_call.get(service) if off else None,
+            on.cpu_ms_per_call.get(service) if on else None,
+        ))
+    rows = [["measure", "tracing off", "tracing on", "change with tracing on"]]
+    for label, value_off, value_on in measures:
+        rows.append([label, _number(value_off), _number(value_on), _change(value_off, value_on)])
+    return rows
+
+
+def usage_table(usage: Sequence[ProcessUsage], harness: ProcessUsage) -> Table:
+    """Return rows of peak RSS and CPU time per process, the harness last."""
+    rows = [["process", "PID", "peak RSS (VmHWM) MiB", "CPU s"]]
+    for process in [*usage, harness]:
+        cpu = f"{process.cpu_s:.2f}" if process.cpu_s is not None else "unknown"
+        rows.append([process.process, str(process.pid), _mib(process.peak_rss_kib), cpu])
+    return rows
+
+
+def _mib(kib: int | None) -> str:
+    return f"{kib / 1024:.1f}" if kib is not None else "unknown"
+
+
+def format_table(rows: Table) -> list[str]:
+    """Format rows as a Markdown pipe table with padded columns, the first row as header."""
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+
+    def line(row: list[str]) -> str:
+        return "| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) + " |"
+
+    separator = "|" + "|".join("-" * (width + 2) for width in widths) + "|"
+    return [line(rows[0]), separator, *(line(row) for row in rows[1:])]
+
+
+def _span_lines(phases: dict[str, PhaseResult]) -> list[str]:
+    phase = phases.get("tidings-on")
+    if phase is None or phase.spans is None:
+        return []
+    counts = ", ".join(f"{service}: {count}" for service, count in sorted(phase.spans.items()))
+    return ["", f"Spans received by the OTLP receiver with tracing on: {counts or 'none'}."]
+
+
+def result_sections(report: Report) -> list[tuple[str, list[str]]]:
+    """Return the headings and lines of the measurement sections, shared by terminal and page."""
+    sections = [
+        ("Throughput and call latency", format_table(throughput_table(report.phases))),
+        ("End-to-end event latency", format_table(event_table(report.phases))),
+        ("Tidings path against the references", format_table(ratio_table(report.phases))),
+        ("Tracing cost", format_table(tracing_table(report.phases)) + _span_lines(report.phases)),
+        ("Peak RSS and CPU time per process", format_table(usage_table(report.usage, report.harness))),
+    ]
+    problems = [
+        f"- {phase.title}: {message}"
+        for phase in report.phases.values()
+        for message in ([f"failed: {phase.error}"] if phase.error else []) + phase.notes
+    ]
+    problems += [
+        f"- {phase.title}: {phase.calls.errors} calls failed. First failure: {phase.calls.first_error}"
+        for phase in report.phases.values()
+        if phase.calls is not None and phase.calls.errors
+    ]
+    if problems:
+        sections.append(("Failures and warnings", problems))
+    return sections
+
+
+def render_text(report: Report) -> str:
+    """Return the measurement tables for the terminal."""
+    lines: list[str] = []
+    for heading, body in result_sections(report):
+        lines += ["", heading, *body]
+    return "\n".join(lines)
+
+
+def render_markdown(report: Report, notes: Sequence[str]) -> str:
+    """Return the results page: run, machine, measurement sections and notes."""
+    run_rows = [
+        ["setting", "value"],
+        ["date", report.date.strftime("%Y-%m-%d %H:%M:%S UTC")],
+        ["command", f"`{report.command}`"],
+        ["source (git)", source_revision()],
+        ["measured calls per phase", str(report.calls)],
+        ["concurrency (calls in flight)", str(report.concurrency)],
+        ["warm-up calls per phase (not measured)", str(report.warmup_calls)],
+        ["run time", f"{report.run_seconds:.0f} s"],
+        ["1-minute load average at start / end", "{:.2f} / {:.2f}".format(*report.load_average)],
+        ["CPU time of the harness and its children", f"{report.own_cpu_s:.1f} s"],
+        ["CPU time of other processes on this machine during the run", f"{report.other_cpu_s:.1f} s"],
+    ]
+    lines = [
+        "# Tidings benchmark results",
+        "",
+        "Written by `bench/harness.py` from one run of the command below. No figure is edited by hand.",
+        "Run the command again to replace this page.",
+        "",
+        "## Run",
+        "",
+        *format_table(run_rows),
+        "",
+        "## Machine",
+        "",
+        *format_table([["item", "value"], *machine_facts()]),
+    ]
+    for heading, body in result_sections(report):
+        lines += ["", f"## {heading}", "", *body]
+    lines += ["", "## What the numbers measure", "", *notes]
+    return "\n".join(lines) + "\n"

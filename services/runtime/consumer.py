@@ -15,6 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from google.protobuf.message import Message
 from nats.aio.client import Client as NATS
@@ -67,6 +68,21 @@ class ConsumerSpec:
 
 
 @dataclass(frozen=True)
+class _Work:
+    """A decoded message and the handler that applies it."""
+
+    message: Msg
+    event: ReceivedEvent
+    payload: Message
+    handler: Handler
+
+
+def _mark_failed(span: Any, error: Exception) -> None:
+    span.record_exception(error)
+    span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+
+
+@dataclass(frozen=True)
 class ConsumerSettings:
     """Delivery settings of a consumer; see Settings for their meaning."""
 
@@ -93,6 +109,7 @@ class EventConsumer:
         self._js = nats.jetstream()
         self._settings = settings
         self._stopping = asyncio.Event()
+        self._insert_processed = database.insert_ignoring_conflicts(table)
         self.applied = 0
         self.duplicates = 0
 
@@ -155,20 +172,30 @@ class EventConsumer:
             await self._subscription.unsubscribe()
 
     async def _apply_batch(self, messages: list[Msg]) -> None:
-        by_aggregate: dict[str, list[Msg]] = {}
-        for message in messages:
-            key = (message.headers or {}).get("ce-subject", message.subject)
-            by_aggregate.setdefault(key, []).append(message)
+        work = [item for message in messages if (item := await self._prepare(message)) is not None]
+        if not work:
+            return
 
-        async def apply_in_order(group: list[Msg]) -> None:
-            for message in group:
-                await self._apply(message)
+        if self._database.is_sqlite:
+            # SQLite runs one transaction at a time anyway, so one transaction
+            # per batch (a savepoint per event) saves a commit per event.
+            await self._apply_in_one_transaction(work)
+            return
+
+        by_aggregate: dict[str, list[_Work]] = {}
+        for item in work:
+            by_aggregate.setdefault(item.event.subject or item.message.subject, []).append(item)
+
+        async def apply_in_order(group: list[_Work]) -> None:
+            for item in group:
+                await self._apply_alone(item)
 
         async with asyncio.TaskGroup() as group_tasks:
             for group in by_aggregate.values():
                 group_tasks.create_task(apply_in_order(group))
 
-    async def _apply(self, message: Msg) -> None:
+    async def _prepare(self, message: Msg) -> _Work | None:
+        """Decode a message; settle at once what has no handler or cannot be decoded."""
         try:
             event = decode_event(message.headers, message.data)
             payload = event.message()
@@ -179,58 +206,92 @@ class EventConsumer:
                 extra={"consumer": self.spec.durable, "subject": message.subject, "error": str(exc)},
             )
             await message.term()
-            return
+            return None
 
         handler = self.spec.handlers.get(event.type)
         if handler is None:
             logger.debug("no handler for event type; skipped", extra={"event_type": event.type})
             await message.ack()
-            return
+            return None
+        return _Work(message, event, payload, handler)
 
-        parent = extract_context(message.headers)
+    async def _apply_alone(self, work: _Work) -> None:
+        heartbeat = asyncio.create_task(self._keep_in_progress([work.message]))
+        try:
+            with self._span(work) as span:
+                try:
+                    async with self._database.transaction() as tx:
+                        applied = await self._record_and_handle(tx, work)
+                except Exception as exc:
+                    _mark_failed(span, exc)
+                    outcome: bool | Exception = exc
+                else:
+                    outcome = applied
+        finally:
+            heartbeat.cancel()
+        await self._settle(work, outcome)
+
+    async def _apply_in_one_transaction(self, batch: list[_Work]) -> None:
+        heartbeat = asyncio.create_task(self._keep_in_progress([w.message for w in batch]))
+        outcomes: list[bool | Exception] = []
+        try:
+            async with self._database.transaction() as tx:
+                for work in batch:
+                    with self._span(work) as span:
+                        try:
+                            async with tx.savepoint():
+                                outcomes.append(await self._record_and_handle(tx, work))
+                        except Exception as exc:
+                            _mark_failed(span, exc)
+                            outcomes.append(exc)
+        except Exception as exc:
+            # The commit failed, so nothing of the batch was applied.
+            logger.error("batch commit failed; the events are redelivered",
+                         extra={"consumer": self.spec.durable, "events": len(batch)}, exc_info=exc)
+            outcomes = [exc] * len(batch)
+        finally:
+            heartbeat.cancel()
+
+        for work, outcome in zip(batch, outcomes, strict=True):
+            await self._settle(work, outcome)
+
+    async def _record_and_handle(self, tx: Transaction, work: _Work) -> bool:
+        """Run the handler unless this consumer already applied the event; return whether it ran."""
+        inserted = await tx.execute(
+            self._insert_processed,
+            {"consumer": self.spec.durable, "event_id": work.event.id, "processed_at": datetime.now(UTC)},
+        )
+        if inserted.rowcount == 0:
+            return False
+        await work.handler(tx, work.event, work.payload)
+        return True
+
+    async def _settle(self, work: _Work, outcome: bool | Exception) -> None:
+        """Ack an applied or duplicate event; schedule a retry for a failed one."""
+        if isinstance(outcome, Exception):
+            await self._retry_later(work.message, work.event, outcome)
+            return
+        await work.message.ack()
+        if outcome:
+            self.applied += 1
+            return
+        self.duplicates += 1
+        logger.info(
+            "duplicate event dropped", extra={"consumer": self.spec.durable, "event_id": work.event.id}
+        )
+
+    def _span(self, work: _Work) -> Any:
+        parent = extract_context(work.message.headers)
         producer = trace.get_current_span(parent).get_span_context()
-        with tracer.start_as_current_span(
-            f"process {message.subject}",
+        return tracer.start_as_current_span(
+            f"process {work.message.subject}",
             context=parent,
             kind=SpanKind.CONSUMER,
             links=[Link(producer)] if producer.is_valid else None,
-            attributes=self._span_attributes(message, event),
+            attributes=self._span_attributes(work.message, work.event),
             record_exception=False,
             set_status_on_exception=False,
-        ) as span:
-            heartbeat = asyncio.create_task(self._keep_in_progress(message))
-            try:
-                applied = await self._apply_once(event, payload, handler)
-            except Exception as exc:
-                span.record_exception(exc)
-                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
-                await self._retry_later(message, event, exc)
-                return
-            finally:
-                heartbeat.cancel()
-            await message.ack()
-
-        if applied:
-            self.applied += 1
-        else:
-            self.duplicates += 1
-            logger.info(
-                "duplicate event dropped",
-                extra={"consumer": self.spec.durable, "event_id": event.id},
-            )
-
-    async def _apply_once(self, event: ReceivedEvent, payload: Message, handler: Handler) -> bool:
-        """Run the handler unless this consumer already applied the event; return whether it ran."""
-        async with self._database.transaction() as tx:
-            inserted = await tx.execute(
-                self._database.insert_ignoring_conflicts(self._table).values(
-                    consumer=self.spec.durable, event_id=event.id, processed_at=datetime.now(UTC)
-                )
-            )
-            if inserted.rowcount == 0:
-                return False
-            await handler(tx, event, payload)
-        return True
+        )
 
     async def _retry_later(self, message: Msg, event: ReceivedEvent, error: Exception) -> None:
         delivered = message.metadata.num_delivered
@@ -252,13 +313,14 @@ class EventConsumer:
                        exc_info=error)
         await message.nak(delay=delay)
 
-    async def _keep_in_progress(self, message: Msg) -> None:
-        """Extend the ack deadline while a slow handler runs, so it is not redelivered meanwhile."""
+    async def _keep_in_progress(self, messages: list[Msg]) -> None:
+        """Extend the ack deadline while slow handlers run, so nothing is redelivered meanwhile."""
         interval = self._settings.ack_wait / 3
         while True:
             await asyncio.sleep(interval)
-            with contextlib.suppress(NatsError):
-                await message.in_progress()
+            for message in messages:
+                with contextlib.suppress(NatsError):
+                    await message.in_progress()
 
     def _span_attributes(self, message: Msg, event: ReceivedEvent) -> dict[str, str | int]:
         return {

@@ -60,6 +60,16 @@ class Transaction:
         """Whether the database is SQLite (else PostgreSQL)."""
         return self.connection.dialect.name == "sqlite"
 
+    @asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[None]:
+        """Run a block whose changes roll back alone if it raises, leaving the transaction open."""
+        if isinstance(self.connection, AsyncConnection):
+            async with self.connection.begin_nested():
+                yield
+        else:
+            with self.connection.begin_nested():
+                yield
+
     def insert_ignoring_conflicts(self, table: Table) -> Any:
         """Return an INSERT that skips rows violating a unique constraint."""
         return _insert_ignoring_conflicts(self.is_sqlite, table)

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 from google.protobuf.message import Message
-from sqlalchemy import Column, DateTime, LargeBinary, MetaData, String, Table, select
+from sqlalchemy import Column, DateTime, LargeBinary, MetaData, String, Table, bindparam, select
 
 from services.runtime.database import Transaction
 from services.runtime.errors import FailedPrecondition
@@ -42,6 +42,8 @@ class RequestLog:
 
     def __init__(self, table: Table) -> None:
         self.table = table
+        self._insert = table.insert()
+        self._select = select(table).where(table.c.request_id == bindparam("request_id"))
 
     async def replay(
         self, tx: Transaction, method: str, request: Message, response_type: type[ResponseT]
@@ -55,9 +57,7 @@ class RequestLog:
         request_id = getattr(request, "request_id", "")
         if not request_id:
             return None
-        row = (
-            await tx.execute(select(self.table).where(self.table.c.request_id == request_id))
-        ).first()
+        row = (await tx.execute(self._select, {"request_id": request_id})).first()
         if row is None:
             return None
         if row.method != method or row.fingerprint != fingerprint(request):
@@ -75,11 +75,12 @@ class RequestLog:
         if not request_id:
             return
         await tx.execute(
-            self.table.insert().values(
-                request_id=request_id,
-                method=method,
-                fingerprint=fingerprint(request),
-                response=response.SerializeToString(),
-                created_at=datetime.now(UTC),
-            )
+            self._insert,
+            {
+                "request_id": request_id,
+                "method": method,
+                "fingerprint": fingerprint(request),
+                "response": response.SerializeToString(),
+                "created_at": datetime.now(UTC),
+            },
         )

@@ -54,6 +54,7 @@ class Outbox:
 
     def __init__(self, table: Table) -> None:
         self.table = table
+        self._insert = table.insert()
         self._listeners: list[Callable[[], None]] = []
 
     def on_commit(self, listener: Callable[[], None]) -> None:
@@ -84,6 +85,6 @@ class Outbox:
         ]
         if not rows:
             return
-        await tx.execute(self.table.insert(), rows)
+        await tx.execute(self._insert, rows)
         for listener in self._listeners:
             tx.after_commit(listener)

@@ -65,8 +65,7 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
                 )
                 if replayed is not None:
                     return replayed
-                row = await store.insert_user(tx, str(uuid.uuid4()), email, display_name)
-                user = store.to_message(row)
+                user = await store.insert_user(tx, str(uuid.uuid4()), email, display_name)
                 await self._outbox.add(tx, [
                     Event(SUBJECT_CREATED, user_events_pb2.UserCreated(user=user), user.id)
                 ])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import (
@@ -13,6 +14,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    bindparam,
     delete,
     func,
     select,
@@ -42,6 +44,12 @@ users = Table(
 )
 
 
+# Built once: a statement with bound parameters skips SQLAlchemy's per-call
+# construction and cache-key work on the hottest path.
+_INSERT_USER = users.insert()
+_OWNER_OF_EMAIL = select(users.c.id).where(users.c.email_key == bindparam("email_key"))
+
+
 def to_message(row: Any) -> user_pb2.User:
     """Convert a users row to its protobuf message."""
     user = user_pb2.User(
@@ -52,26 +60,25 @@ def to_message(row: Any) -> user_pb2.User:
     return user
 
 
-async def insert_user(tx: Transaction, user_id: str, email: str, display_name: str) -> Any:
-    """Insert a user and return its row.
+async def insert_user(tx: Transaction, user_id: str, email: str, display_name: str) -> user_pb2.User:
+    """Insert a user and return it.
 
     Raises:
         AlreadyExists: Another user has this email.
     """
     now = datetime.now(UTC)
     await _ensure_email_free(tx, email, user_id=None)
-    await tx.execute(
-        users.insert().values(
-            id=user_id,
-            email=email,
-            email_key=email.lower(),
-            display_name=display_name,
-            revision=1,
-            create_time=now,
-            update_time=now,
-        )
-    )
-    return await get_user(tx, user_id)
+    values = {
+        "id": user_id,
+        "email": email,
+        "email_key": email.lower(),
+        "display_name": display_name,
+        "revision": 1,
+        "create_time": now,
+        "update_time": now,
+    }
+    await tx.execute(_INSERT_USER, values)
+    return to_message(SimpleNamespace(**values))
 
 
 async def get_user(tx: Transaction, user_id: str) -> Any:
@@ -125,8 +132,7 @@ async def count_users(tx: Transaction) -> int:
 
 
 async def _ensure_email_free(tx: Transaction, email: str, user_id: str | None) -> None:
-    query = select(users.c.id).where(users.c.email_key == email.lower())
-    owner = (await tx.execute(query)).scalar_one_or_none()
+    owner = (await tx.execute(_OWNER_OF_EMAIL, {"email_key": email.lower()})).scalar_one_or_none()
     if owner is not None and owner != user_id:
         raise AlreadyExists(
             f"email {email!r} is already used by another user; choose another address",

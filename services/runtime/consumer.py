@@ -1,10 +1,11 @@
 """Durable pull consumers that apply each event once.
 
 Each handler runs in a database transaction that also records the event id in
-``processed_events``; a redelivered event finds its id there and is acked
-without running the handler again. Events of one aggregate (``ce-subject``)
-within a fetched batch run one after another; different aggregates run
-concurrently.
+``processed_events``, so a redelivered event finds its id there and is acked
+without running the handler again. On SQLite a fetched batch runs in order in
+one transaction, with a savepoint per event. On PostgreSQL the events of one
+aggregate (``ce-subject``) in a batch run one after another, each in its own
+transaction, and different aggregates run concurrently.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -24,47 +24,29 @@ from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import Error as JetStreamError
-from opentelemetry import trace
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode
-from sqlalchemy import Column, DateTime, MetaData, String, Table
+from sqlalchemy import Table
 
-from observability.propagation import extract_context
+from observability.messaging import consumer_span, mark_failed
+from services.runtime.consumer_spec import (
+    ConsumerSettings,
+    ConsumerSpec,
+    Handler,
+    processed_events_table,
+)
 from services.runtime.database import Database, Transaction
 from services.runtime.events import EventDecodeError, ReceivedEvent, decode_event
 
 logger = logging.getLogger(__name__)
-tracer = trace.get_tracer(__name__)
 
-Handler = Callable[[Transaction, ReceivedEvent, Message], Awaitable[None]]
-
-
-def processed_events_table(metadata: MetaData) -> Table:
-    """Define the ``processed_events`` (inbox) table on a service's metadata."""
-    return Table(
-        "processed_events",
-        metadata,
-        Column("consumer", String(128), primary_key=True),
-        Column("event_id", String(64), primary_key=True),
-        Column("processed_at", DateTime(timezone=True), nullable=False),
-    )
+__all__ = [
+    "ConsumerSettings",
+    "ConsumerSpec",
+    "EventConsumer",
+    "Handler",
+    "processed_events_table",
+]
 
 
-@dataclass(frozen=True)
-class ConsumerSpec:
-    """What one durable consumer reads and which handler each event type gets.
-
-    Attributes:
-        durable: Durable consumer name, shared by every replica of the service.
-        stream: Stream to read, such as ``USERS``.
-        subjects: Subject filters within the stream.
-        handlers: Handler per CloudEvents type (full protobuf name). Events of
-            other types are acknowledged and skipped.
-    """
-
-    durable: str
-    stream: str
-    subjects: tuple[str, ...]
-    handlers: Mapping[str, Handler]
 
 
 @dataclass(frozen=True)
@@ -75,21 +57,6 @@ class _Work:
     event: ReceivedEvent
     payload: Message
     handler: Handler
-
-
-def _mark_failed(span: Any, error: Exception) -> None:
-    span.record_exception(error)
-    span.set_status(Status(StatusCode.ERROR, type(error).__name__))
-
-
-@dataclass(frozen=True)
-class ConsumerSettings:
-    """Delivery settings of a consumer; see Settings for their meaning."""
-
-    batch_size: int
-    ack_wait: float
-    max_deliver: int
-    backoff: tuple[float, ...]
 
 
 class EventConsumer:
@@ -223,7 +190,7 @@ class EventConsumer:
                     async with self._database.transaction() as tx:
                         applied = await self._record_and_handle(tx, work)
                 except Exception as exc:
-                    _mark_failed(span, exc)
+                    mark_failed(span, exc)
                     outcome: bool | Exception = exc
                 else:
                     outcome = applied
@@ -242,7 +209,7 @@ class EventConsumer:
                             async with tx.savepoint():
                                 outcomes.append(await self._record_and_handle(tx, work))
                         except Exception as exc:
-                            _mark_failed(span, exc)
+                            mark_failed(span, exc)
                             outcomes.append(exc)
         except Exception as exc:
             # The commit failed, so nothing of the batch was applied.
@@ -281,16 +248,14 @@ class EventConsumer:
         )
 
     def _span(self, work: _Work) -> Any:
-        parent = extract_context(work.message.headers)
-        producer = trace.get_current_span(parent).get_span_context()
-        return tracer.start_as_current_span(
-            f"process {work.message.subject}",
-            context=parent,
-            kind=SpanKind.CONSUMER,
-            links=[Link(producer)] if producer.is_valid else None,
-            attributes=self._span_attributes(work.message, work.event),
-            record_exception=False,
-            set_status_on_exception=False,
+        return consumer_span(
+            subject=work.message.subject,
+            headers=work.message.headers,
+            consumer=self.spec.durable,
+            event_id=work.event.id,
+            event_type=work.event.type,
+            aggregate_id=work.event.subject,
+            delivery_count=work.message.metadata.num_delivered,
         )
 
     async def _retry_later(self, message: Msg, event: ReceivedEvent, error: Exception) -> None:
@@ -321,17 +286,3 @@ class EventConsumer:
             for message in messages:
                 with contextlib.suppress(NatsError):
                     await message.in_progress()
-
-    def _span_attributes(self, message: Msg, event: ReceivedEvent) -> dict[str, str | int]:
-        return {
-            "messaging.system": "nats",
-            "messaging.operation.type": "process",
-            "messaging.operation.name": "process",
-            "messaging.destination.name": message.subject,
-            "messaging.consumer.group.name": self.spec.durable,
-            "messaging.message.id": event.id,
-            "messaging.message.delivery_count": message.metadata.num_delivered,
-            "cloudevents.event_id": event.id,
-            "cloudevents.event_type": event.type,
-            "cloudevents.event_subject": event.subject,
-        }

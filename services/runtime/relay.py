@@ -20,15 +20,15 @@ from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
 from nats.js.errors import Error as JetStreamError
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Status, StatusCode
 from sqlalchemy import Table, select, update
 
-from observability.propagation import extract_context, inject_context
+from observability.messaging import start_producer_span
+from observability.propagation import inject_context
 from services.runtime.database import Database, as_utc
 from services.runtime.events import cloudevent_headers
 
 logger = logging.getLogger(__name__)
-tracer = trace.get_tracer(__name__)
 
 _MAX_BACKOFF = 5.0
 
@@ -125,11 +125,12 @@ class OutboxRelay:
         futures: list[asyncio.Future[Any]] = []
         try:
             for row in rows:
-                span = tracer.start_span(
-                    f"publish {row.subject}",
-                    context=extract_context(json.loads(row.trace_headers)),
-                    kind=SpanKind.PRODUCER,
-                    attributes=_producer_attributes(row),
+                span = start_producer_span(
+                    subject=row.subject,
+                    event_id=row.event_id,
+                    event_type=row.event_type,
+                    aggregate_id=row.aggregate_id,
+                    parent_headers=json.loads(row.trace_headers),
                 )
                 spans.append(span)
                 headers = cloudevent_headers(
@@ -187,17 +188,3 @@ class OutboxRelay:
         """Wait for a wake-up, stop() or the timeout, whichever comes first."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=seconds)
-
-
-def _producer_attributes(row: Any) -> dict[str, str]:
-    return {
-        "messaging.system": "nats",
-        "messaging.operation.type": "send",
-        "messaging.operation.name": "publish",
-        "messaging.destination.name": row.subject,
-        "messaging.message.id": row.event_id,
-        "cloudevents.event_id": row.event_id,
-        "cloudevents.event_type": row.event_type,
-        "cloudevents.event_subject": row.aggregate_id,
-    }
-

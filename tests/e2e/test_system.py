@@ -95,6 +95,10 @@ def tidings_up(tmp_path: Path, otlp_receiver: OtlpTraceReceiver) -> Iterator[Run
         "TIDINGS_DATA_DIR": str(data_dir),
         "TIDINGS_USERS_PORT": str(users_port),
         "TIDINGS_NOTIFICATIONS_PORT": str(notifications_port),
+        # `tidings up` starts every service, so each needs a free port.
+        "TIDINGS_ORDERS_PORT": str(free_port()),
+        "TIDINGS_INVENTORY_PORT": str(free_port()),
+        "TIDINGS_PAYMENTS_PORT": str(free_port()),
         "TIDINGS_EMBEDDED_NATS_PORT": str(free_port()),
         "TIDINGS_SHUTDOWN_GRACE": "5",
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp_receiver.port}",

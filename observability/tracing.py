@@ -19,6 +19,11 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 
 logger = logging.getLogger(__name__)
 
+# Seconds the last export at process exit may take.
+CLOSING_EXPORT_TIMEOUT = 2.0
+
+_exporters: list[_OutageReportingExporter] = []
+
 
 class _OutageReportingExporter(SpanExporter):
     """Wrap an exporter so that a failing collector is logged once, not per batch."""
@@ -27,9 +32,16 @@ class _OutageReportingExporter(SpanExporter):
         self._inner = inner
         self._endpoint = endpoint
         self._failing = False
+        self._closing = False
         self._lock = threading.Lock()
 
+    def begin_shutdown(self) -> None:
+        """Bound the final export: skip it during an outage, else give it CLOSING_EXPORT_TIMEOUT."""
+        self._closing = True
+
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if self._closing:
+            return self._export_before_exit(spans)
         result = self._inner.export(spans)
         with self._lock:
             if result is SpanExportResult.FAILURE and not self._failing:
@@ -42,6 +54,23 @@ class _OutageReportingExporter(SpanExporter):
                 self._failing = False
                 logger.info("trace export recovered", extra={"otlp_endpoint": self._endpoint})
         return result
+
+    def _export_before_exit(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        # The OTLP exporter retries an unreachable collector for up to its
+        # timeout (10 s by default), which would hold up every process exit.
+        if self._failing:
+            return SpanExportResult.FAILURE
+        results: list[SpanExportResult] = []
+        worker = threading.Thread(target=lambda: results.append(self._inner.export(spans)), daemon=True)
+        worker.start()
+        worker.join(CLOSING_EXPORT_TIMEOUT)
+        if not results:
+            logger.warning(
+                "final trace export timed out; its spans are dropped",
+                extra={"otlp_endpoint": self._endpoint, "spans": len(spans)},
+            )
+            return SpanExportResult.FAILURE
+        return results[0]
 
     def shutdown(self) -> None:
         self._inner.shutdown()
@@ -79,6 +108,7 @@ def configure_tracing(service: str) -> TracerProvider | None:
             os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "http://localhost:4317"),
         )
         exporter = _OutageReportingExporter(OTLPSpanExporter(), endpoint)
+        _exporters.append(exporter)
         provider.add_span_processor(BatchSpanProcessor(exporter))
     elif exporter_name != "none":
         raise ValueError(
@@ -91,5 +121,7 @@ def configure_tracing(service: str) -> TracerProvider | None:
 
 def shutdown_tracing(provider: TracerProvider | None) -> None:
     """Flush and stop span export; call once at process exit."""
+    for exporter in _exporters:
+        exporter.begin_shutdown()
     if provider is not None:
         provider.shutdown()

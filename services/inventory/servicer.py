@@ -181,13 +181,16 @@ async def _with_race_retry(attempt: Callable[[], Awaitable[ResponseT]]) -> Respo
         return await attempt()
 
 
+_FIELD_LIST = ", ".join(UPDATABLE_FIELDS)
+
+
 def _check_update_mask(
     violations: Violations, request: inventory_service_pb2.UpdateProductRequest
 ) -> set[str]:
     paths = list(request.update_mask.paths)
     if not paths:
-        violations.add("update_mask", f"is required; list the fields to change: {UPDATABLE_FIELDS}")
+        violations.add("update_mask", f"is required; list the fields to change: {_FIELD_LIST}")
     for path in paths:
         if path not in UPDATABLE_FIELDS:
-            violations.add("update_mask", f"path {path!r} cannot be updated; use {UPDATABLE_FIELDS}")
+            violations.add("update_mask", f"path {path!r} cannot be updated; use {_FIELD_LIST}")
     return {path for path in paths if path in UPDATABLE_FIELDS}

@@ -161,7 +161,7 @@ class OrderServicer(order_service_pb2_grpc.OrderServiceServicer):
             except IllegalTransition as exc:
                 raise FailedPrecondition(
                     f"order {order_id} is {exc.metadata.get('state', 'closed')} and cannot be "
-                    "cancelled; only pending and confirmed orders can",
+                    "cancelled; only pending, awaiting-payment and confirmed orders can",
                     reason="ORDER_NOT_CANCELLABLE",
                     metadata={"order_id": order_id},
                 ) from exc

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from observability.logging import redact_url
 from services.runtime.errors import ConfigurationError
@@ -117,6 +119,12 @@ class Settings(BaseSettings):
         return f"sqlite+aiosqlite:///{self.data_dir.resolve() / f'{service}.sqlite3'}"
 
 
+def _unparsable_variable(message: str) -> str:
+    match = re.search(r'field "(\w+)"', message)
+    field = match.group(1) if match else "?"
+    return f"TIDINGS_{field.upper()}"
+
+
 _URL_VARIABLES = frozenset({"NATS_URL", "TIDINGS_DATABASE_URL"})
 
 
@@ -136,12 +144,21 @@ def load_settings() -> Settings:
     """
     try:
         return Settings()
+    except SettingsError as exc:
+        # Raised before validation when a list setting is not valid JSON.
+        name = _unparsable_variable(str(exc))
+        raise ConfigurationError(
+            f"invalid {name}={os.environ.get(name, '')!r}: expected a JSON list such as [0.5, 2, 10]"
+        ) from exc
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
             name = _variable_name(error["loc"])
             value = error.get("input")
+            if len(error["loc"]) > 1:
+                # An element of a list setting: show the whole value as it was set.
+                value = os.environ.get(name, value)
             if name in _URL_VARIABLES and isinstance(value, str):
                 value = redact_url(value)
             problems.append(f"invalid {name}={value!r}: {error['msg']}")
-        raise ConfigurationError("; ".join(problems)) from exc
+        raise ConfigurationError("; ".join(dict.fromkeys(problems))) from exc

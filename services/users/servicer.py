@@ -189,13 +189,16 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
                 raise store.translate_integrity_error(exc, email) from exc
 
 
+_FIELD_LIST = ", ".join(UPDATABLE_FIELDS)
+
+
 def _check_update_mask(
     violations: Violations, request: user_service_pb2.UpdateUserRequest
 ) -> set[str]:
     paths = list(request.update_mask.paths)
     if not paths:
-        violations.add("update_mask", f"is required; list the fields to change: {UPDATABLE_FIELDS}")
+        violations.add("update_mask", f"is required; list the fields to change: {_FIELD_LIST}")
     unknown = [path for path in paths if path not in UPDATABLE_FIELDS]
     for path in unknown:
-        violations.add("update_mask", f"path {path!r} cannot be updated; use {UPDATABLE_FIELDS}")
+        violations.add("update_mask", f"path {path!r} cannot be updated; use {_FIELD_LIST}")
     return {path for path in paths if path in UPDATABLE_FIELDS}

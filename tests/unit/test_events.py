@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
@@ -262,3 +263,21 @@ def test_received_event_keeps_all_headers() -> None:
 
     assert isinstance(received, ReceivedEvent)
     assert received.headers["traceparent"] == headers["traceparent"]
+
+
+def test_tail_describe_decodes_order_event() -> None:
+    from types import SimpleNamespace
+
+    from services.runtime.cli.tail import describe
+    from tidings.orders.v1 import order_events_pb2, order_pb2
+
+    body = order_events_pb2.OrderPlaced(order=order_pb2.Order(id="o-1")).SerializeToString()
+    headers = cloudevent_headers(
+        event_id="e-1", source="/tidings/orders", event_type="tidings.orders.v1.OrderPlaced",
+        time=datetime.now(UTC), subject="o-1",
+    )
+    message = SimpleNamespace(subject="tidings.orders.order.placed", headers=headers, data=body)
+
+    line = json.loads(describe(message))  # type: ignore[arg-type]
+
+    assert line["payload"] == {"order": {"id": "o-1"}}

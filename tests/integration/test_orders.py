@@ -266,3 +266,38 @@ async def test_place_order_bad_input_rejected(
     assert field in field_violations(raised.value)
     listed = await orders.ListOrders(order_service_pb2.ListOrdersRequest(user_id=user_id))
     assert list(listed.orders) == []
+
+
+class _RecordingUsers(user_service_pb2_grpc.UserServiceServicer):
+    """A users service that records the deadline left on each GetUser call."""
+
+    def __init__(self) -> None:
+        self.remaining: list[float | None] = []
+
+    async def GetUser(self, request, context):  # type: ignore[no-untyped-def]
+        self.remaining.append(context.time_remaining())
+        return user_service_pb2.GetUserResponse(user=user_pb2.User(id=request.id))
+
+
+async def test_place_order_propagates_deadline(settings: Settings) -> None:
+    recorder = _RecordingUsers()
+    fake_users = grpc.aio.server()
+    user_service_pb2_grpc.add_UserServiceServicer_to_server(recorder, fake_users)
+    users_port = fake_users.add_insecure_port("127.0.0.1:0")
+    await fake_users.start()
+    isolated = settings.model_copy(
+        update={"orders_port": free_port(), "users_port": users_port, "call_timeout": 30.0}
+    )
+    try:
+        async with (
+            running_service(ORDERS, isolated),
+            traced_channel(isolated.address_of("orders")) as channel,
+        ):
+            await OrderStub(channel).PlaceOrder(
+                place_request(str(uuid.uuid4()), (PRODUCT, 1)), timeout=2.0
+            )
+    finally:
+        await fake_users.stop(None)
+
+    assert recorder.remaining[0] is not None
+    assert recorder.remaining[0] <= 2.0

@@ -24,6 +24,18 @@ from bench.processes import (
 )
 from bench.report import Report, invoked_command, render_markdown, render_text
 from bench.results import PhaseResult
+from bench.saga_path import (
+    BUYER_TOP_UP_CENTS,
+    BUYERS,
+    DECLINED_EVERY,
+    LINES_PER_ORDER,
+    PRICE_CENTS,
+    PRODUCTS,
+    SHORT_WALLET_CENTS,
+    SHORT_WALLET_USERS,
+    STOCK_UNITS,
+    measure_place_order,
+)
 from bench.servers import NAIVE_BODY_SIZE, NAIVE_FETCH_BATCH
 from bench.tidings_path import BSP_SCHEDULE_DELAY_MS, measure_tidings
 
@@ -140,10 +152,17 @@ async def _run_phases(load: Load, work_dir: Path) -> tuple[list[PhaseResult], li
          lambda result: measure_nats_publish(result, processes, load)),
         (PhaseResult("naive", "naive pipeline (grpc.aio → publish → pull consumer)"),
          lambda result: measure_naive_pipeline(result, processes, load, work_dir)),
+        (PhaseResult("dual-write", "dual-write CreateUser (same transaction, publish awaited per call)"),
+         lambda result: measure_tidings(result, processes, load, work_dir, tracing=False,
+                                        users_module="bench.dual_write", variant="dual write")),
         (PhaseResult("tidings-off", "Tidings CreateUser, tracing off"),
          lambda result: measure_tidings(result, processes, load, work_dir, tracing=False)),
         (PhaseResult("tidings-on", "Tidings CreateUser, tracing on"),
          lambda result: measure_tidings(result, processes, load, work_dir, tracing=True)),
+        (PhaseResult("saga-off", "Tidings PlaceOrder saga, tracing off"),
+         lambda result: measure_place_order(result, processes, load, work_dir, tracing=False)),
+        (PhaseResult("saga-on", "Tidings PlaceOrder saga, tracing on"),
+         lambda result: measure_place_order(result, processes, load, work_dir, tracing=True)),
     ]
     try:
         for result, measure in plan:
@@ -203,6 +222,13 @@ def measurement_notes(load: Load) -> list[str]:
         f"{NAIVE_FETCH_BATCH}, an explicit ack per message). Its event latency runs from the "
         "harness's wall clock at call start (carried in the body) to the consumer's wall clock when "
         "it takes the message from the fetched batch. No database, no CloudEvents headers, no tracing.",
+        "- **dual-write CreateUser**: the baseline the outbox replaces. `python -m bench.dual_write` "
+        "is the users service with the same validation, transaction and request log, but without "
+        "the outbox: after the commit the handler publishes the UserCreated event itself and awaits "
+        "JetStream's ack before it returns. The real notifications service consumes the events, so "
+        "its figures compare directly with the Tidings rows. It runs with tracing off, and unlike "
+        "the outbox it loses the event when the process dies between the commit and the publish. "
+        "Its `event_time` is taken after the commit, just before the publish.",
         "- **Tidings CreateUser**: the users and notifications services as processes "
         "(`python -m services.users.main`, `python -m services.notifications.main`) with their "
         "SQLite files in a new data directory and a new nats-server per run. Each call creates a user "
@@ -227,16 +253,57 @@ def measurement_notes(load: Load) -> list[str]:
         "start until the last event was received (naive) or the last notification was stored "
         "(Tidings, the largest `create_time`). The harness detects completion from the consumer's "
         "ack floor and then reads every notification with ListNotifications, which is not timed.",
+        "- **Tidings PlaceOrder saga**: the users, inventory, payments, orders and notifications "
+        "services as processes (`python -m services.<name>.main`) with their SQLite files in a new data "
+        "directory and a new nats-server per run, `TIDINGS_LOG_LEVEL=WARNING` and the other settings "
+        f"at their defaults. The untimed set-up creates {BUYERS} buyers with CreateUser and tops up "
+        f"each wallet with {BUYER_TOP_UP_CENTS:,} cents (TopUp), creates {SHORT_WALLET_USERS} users whose "
+        f"wallets get {SHORT_WALLET_CENTS} cent, and creates {PRODUCTS} products at {PRICE_CENTS} cents "
+        f"with {STOCK_UNITS:,} units each (CreateProduct). Each PlaceOrder call has a `request_id` and "
+        f"orders 1 unit each of {LINES_PER_ORDER} products, {LINES_PER_ORDER * PRICE_CENTS} cents. Every "
+        f"{DECLINED_EVERY}th call is placed by one of the users with {SHORT_WALLET_CENTS} cent, so "
+        "inventory reserves the stock, payments declines, orders rejects the order with "
+        "INSUFFICIENT_FUNDS and inventory releases the stock. The buyers place the other calls, and "
+        "their wallets and the stock cover every such order, so those orders are CONFIRMED. "
+        "PlaceOrder checks the user with GetUser on the users service, inserts the PENDING order with "
+        "its `OrderPlaced` outbox row and returns, so calls/s and the call percentiles cover placement "
+        "only. Before the measured calls the harness waits until the warm-up orders are terminal and "
+        "every durable consumer of the five services is idle.",
+        "- **terminal orders/s**: measured orders divided by the time from the first measured call's "
+        "start until the latest `update_time` of a measured order. The harness reads no order during "
+        "the run. It polls the ORDERS stream's per-subject counts every 0.1 s until the stream contains "
+        "an `OrderConfirmed` or `OrderRejected` event for every order placed, which the orders service "
+        "writes in the transaction that makes an order terminal. Then it reads every order with "
+        "ListOrders, which is not timed.",
+        "- **Order create_time → update_time**: both stamped by the orders service. `create_time` is "
+        "taken when PlaceOrder inserts the order, and `update_time` when the transition to CONFIRMED "
+        "or REJECTED runs its UPDATE, before that transaction commits. It covers the rest of the "
+        "PlaceOrder transaction and every step of the saga in inventory, payments and orders.",
+        "- **The five stages** of the confirmed orders split that time at the times the nats-server "
+        "stored `OrderPlaced` (ORDERS stream), `StockReserved` (INVENTORY), `PaymentRequested` "
+        "(ORDERS) and `PaymentCaptured` (PAYMENTS), read back from the streams after the run. The first "
+        "stage covers the rest of the PlaceOrder transaction and the orders relay. Each later stage "
+        "covers one consumer's fetch, its handler's transaction and commit, and that service's "
+        "relay up to the ack, except the last, which ends at the UPDATE. Rejected orders are not in "
+        "the stages.",
+        "- **call start (harness) → Order update_time** adds the PlaceOrder call up to the insert. It "
+        "is the figure to compare with the naive pipeline's event latency.",
         "- **Tracing on**: `OTEL_TRACES_EXPORTER=otlp` to an OTLP/gRPC receiver process that the "
         f"harness starts on loopback, which counts spans and drops them. `OTEL_BSP_SCHEDULE_DELAY="
         f"{BSP_SCHEDULE_DELAY_MS}` ms, and the other batch span processor settings are the SDK defaults. "
         "**Tracing off**: `OTEL_SDK_DISABLED=true`, so the gRPC interceptor, relay and consumer use "
         "the no-op tracer. The change column is (on - off) / off. The CPU ms per measured call is "
         "a service's user plus system time from the first measured call until the consumer "
-        "acknowledged the last measured event, divided by the measured calls. It is less sensitive "
-        "to other work on the machine than calls/s.",
-        "- **Ratios**: the Tidings figure divided by the reference figure. Below 1x on a throughput "
-        "ratio means the Tidings path does less per second, and above 1x on a latency ratio means slower.",
+        "acknowledged the last measured event, divided by the measured calls. For PlaceOrder the "
+        "CPU time runs until every durable consumer was idle after the last measured order, so it also "
+        "covers the work after the terminal state: the stock commit or release and the notification. "
+        "It is less sensitive to other work on the machine than calls/s.",
+        "- **Ratios**: the Tidings figure divided by the reference figure, measured in the same run. "
+        "Below 1x on a throughput ratio means the Tidings path does less per second, and above 1x on "
+        "a latency ratio means slower. A confirmed order's saga publishes five events through three "
+        "services' relays (`OrderPlaced`, `StockReserved`, `PaymentRequested`, `PaymentCaptured`, "
+        "`OrderConfirmed`) and consumers apply them six times, because inventory and notifications "
+        "both apply `OrderConfirmed`. The naive pipeline publishes and reads one event per call.",
         "- **Peak RSS and CPU time**: VmHWM from `/proc/PID/status` and user plus system time from "
         "`/proc/PID/stat`, read just before the harness sent SIGTERM, so the CPU time covers start-up, "
         "warm-up and the measured calls. The harness's own figures are read at the end and cover every "
@@ -246,5 +313,7 @@ def measurement_notes(load: Load) -> list[str]:
         "- **Limits**: the harness, servers, nats-server and the OTLP receiver all share this "
         "machine's CPUs, so the figures describe this machine under this load, not the capacity of a "
         "deployment. Each phase runs once, so run the command again to see the spread between runs. "
-        "Latencies that cross processes compare wall clocks of the same machine.",
+        "Latencies that cross processes compare wall clocks of the same machine. An order that waits "
+        "longer than the saga timeout (30 s by default) is rejected with TIMEOUT, and such orders "
+        "appear in the final states and under failures and warnings.",
     ]

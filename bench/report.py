@@ -178,7 +178,7 @@ def event_table(phases: dict[str, PhaseResult]) -> Table:
     if naive is not None:
         rows.append([naive.title, "call start (harness) → event received (consumer)",
                      *_percentiles(naive.event_latency), _number(naive.pipeline_per_s)])
-    for key in ("tidings-off", "tidings-on"):
+    for key in ("dual-write", "tidings-off", "tidings-on"):
         phase = phases.get(key)
         if phase is None:
             continue
@@ -191,11 +191,46 @@ def event_table(phases: dict[str, PhaseResult]) -> Table:
     return rows
 
 
+def saga_table(phases: dict[str, PhaseResult]) -> Table:
+    """Return rows of the PlaceOrder path's time to a terminal state and its orders per second."""
+    rows = [["phase", "from → to", "p50 ms", "p99 ms", "terminal orders/s"]]
+    for key in ("saga-off", "saga-on"):
+        phase = phases.get(key)
+        if phase is None:
+            continue
+        rows.append([phase.title, "Order create_time → update_time (CONFIRMED or REJECTED)",
+                     *_percentiles(phase.terminal_latency), _number(phase.pipeline_per_s)])
+        for stage, latency in phase.event_stages:
+            rows.append([phase.title, f"confirmed orders: {stage}", *_percentiles(latency), ""])
+        rows.append([phase.title, "call start (harness) → Order update_time (terminal)",
+                     *_percentiles(phase.start_to_terminal), ""])
+    return rows
+
+
+def _outcome_lines(phases: dict[str, PhaseResult]) -> list[str]:
+    lines = []
+    for key in ("saga-off", "saga-on"):
+        phase = phases.get(key)
+        if phase is None or not phase.outcomes:
+            continue
+        counts = ", ".join(f"{outcome} {count}" for outcome, count in phase.outcomes.items())
+        lines.append(f"- {phase.title}: {counts}.")
+    if not lines:
+        return []
+    return ["", "Final state of the measured orders, read with ListOrders after the run:", "", *lines]
+
+
 def ratio_table(phases: dict[str, PhaseResult]) -> Table:
-    """Return rows of Tidings-path figures divided by the reference figures."""
+    """Return rows of CreateUser-path figures divided by the reference figures."""
     grpc, publish, naive = phases.get("grpc"), phases.get("nats"), phases.get("naive")
+    dual = phases.get("dual-write")
     rows = [["ratio", "tracing off", "tracing on"]]
     definitions = [
+        ("CreateUser calls/s ÷ dual-write calls/s",
+         lambda tidings: _ratio(_calls_per_s(tidings), _calls_per_s(dual))),
+        ("pipeline events/s ÷ dual-write pipeline events/s",
+         lambda tidings: _ratio(tidings.pipeline_per_s if tidings else None,
+                                dual.pipeline_per_s if dual else None)),
         ("CreateUser calls/s ÷ bare grpc.aio calls/s",
          lambda tidings: _ratio(_calls_per_s(tidings), _calls_per_s(grpc))),
         ("CreateUser calls/s ÷ bare JetStream publishes/s",
@@ -216,32 +251,89 @@ def ratio_table(phases: dict[str, PhaseResult]) -> Table:
     return rows
 
 
-def tracing_table(phases: dict[str, PhaseResult]) -> Table:
-    """Return rows comparing the Tidings path with tracing off and on."""
-    off, on = phases.get("tidings-off"), phases.get("tidings-on")
-
-    def latency_of(phase: PhaseResult | None, pick: str) -> float | None:
-        latency = phase.calls.latency if phase and phase.calls else None
-        return getattr(latency, pick) if latency else None
-
-    measures = [
-        ("CreateUser calls/s", _calls_per_s(off), _calls_per_s(on)),
-        ("CreateUser call p50 ms", latency_of(off, "p50_ms"), latency_of(on, "p50_ms")),
-        ("CreateUser call p99 ms", latency_of(off, "p99_ms"), latency_of(on, "p99_ms")),
-        ("pipeline events/s", off.pipeline_per_s if off else None, on.pipeline_per_s if on else None),
-        ("event latency p50 ms", _p50(off.event_latency) if off else None,
-         _p50(on.event_latency) if on else None),
+def saga_ratio_table(phases: dict[str, PhaseResult]) -> Table:
+    """Return rows of PlaceOrder-path figures divided by the reference figures."""
+    grpc, publish, naive = phases.get("grpc"), phases.get("nats"), phases.get("naive")
+    rows = [["ratio", "tracing off", "tracing on"]]
+    definitions = [
+        ("PlaceOrder calls/s ÷ bare grpc.aio calls/s",
+         lambda saga, _: _ratio(_calls_per_s(saga), _calls_per_s(grpc))),
+        ("PlaceOrder calls/s ÷ bare JetStream publishes/s",
+         lambda saga, _: _ratio(_calls_per_s(saga), _calls_per_s(publish))),
+        ("PlaceOrder calls/s ÷ naive pipeline calls/s",
+         lambda saga, _: _ratio(_calls_per_s(saga), _calls_per_s(naive))),
+        ("terminal orders/s ÷ naive pipeline events/s",
+         lambda saga, _: _ratio(saga.pipeline_per_s if saga else None,
+                                naive.pipeline_per_s if naive else None)),
+        ("terminal orders/s ÷ CreateUser pipeline events/s (same tracing setting)",
+         lambda saga, create_user: _ratio(saga.pipeline_per_s if saga else None,
+                                          create_user.pipeline_per_s if create_user else None)),
+        ("PlaceOrder call p50 ÷ naive call p50 (above 1x: slower)",
+         lambda saga, _: _ratio(_call_p50(saga), _call_p50(naive))),
+        ("call start → terminal p50 ÷ naive call start → received p50 (above 1x: slower)",
+         lambda saga, _: _ratio(_p50(saga.start_to_terminal) if saga else None,
+                                _p50(naive.event_latency) if naive else None)),
     ]
-    for service in ("users", "notifications"):
-        measures.append((
-            f"{service} CPU ms per measured call",
-            off.cpu_ms_per_call.get(service) if off else None,
-            on.cpu_ms_per_call.get(service) if on else None,
-        ))
+    for label, compute in definitions:
+        rows.append([
+            label,
+            compute(phases.get("saga-off"), phases.get("tidings-off")),
+            compute(phases.get("saga-on"), phases.get("tidings-on")),
+        ])
+    return rows
+
+
+def _latency_of(phase: PhaseResult | None, pick: str) -> float | None:
+    latency = phase.calls.latency if phase and phase.calls else None
+    return getattr(latency, pick) if latency else None
+
+
+def _change_rows(measures: list[tuple[str, float | None, float | None]]) -> Table:
     rows = [["measure", "tracing off", "tracing on", "change with tracing on"]]
     for label, value_off, value_on in measures:
         rows.append([label, _number(value_off), _number(value_on), _change(value_off, value_on)])
     return rows
+
+
+def _cpu_measures(
+    off: PhaseResult | None, on: PhaseResult | None, services: Sequence[str], unit: str
+) -> list[tuple[str, float | None, float | None]]:
+    return [
+        (f"{service} CPU ms per measured {unit}",
+         off.cpu_ms_per_call.get(service) if off else None,
+         on.cpu_ms_per_call.get(service) if on else None)
+        for service in services
+    ]
+
+
+def tracing_table(phases: dict[str, PhaseResult]) -> Table:
+    """Return rows comparing the CreateUser path with tracing off and on."""
+    off, on = phases.get("tidings-off"), phases.get("tidings-on")
+    measures = [
+        ("CreateUser calls/s", _calls_per_s(off), _calls_per_s(on)),
+        ("CreateUser call p50 ms", _latency_of(off, "p50_ms"), _latency_of(on, "p50_ms")),
+        ("CreateUser call p99 ms", _latency_of(off, "p99_ms"), _latency_of(on, "p99_ms")),
+        ("pipeline events/s", off.pipeline_per_s if off else None, on.pipeline_per_s if on else None),
+        ("event latency p50 ms", _p50(off.event_latency) if off else None,
+         _p50(on.event_latency) if on else None),
+        *_cpu_measures(off, on, ("users", "notifications"), "call"),
+    ]
+    return _change_rows(measures)
+
+
+def saga_tracing_table(phases: dict[str, PhaseResult]) -> Table:
+    """Return rows comparing the PlaceOrder path with tracing off and on."""
+    off, on = phases.get("saga-off"), phases.get("saga-on")
+    measures = [
+        ("PlaceOrder calls/s", _calls_per_s(off), _calls_per_s(on)),
+        ("PlaceOrder call p50 ms", _latency_of(off, "p50_ms"), _latency_of(on, "p50_ms")),
+        ("PlaceOrder call p99 ms", _latency_of(off, "p99_ms"), _latency_of(on, "p99_ms")),
+        ("terminal orders/s", off.pipeline_per_s if off else None, on.pipeline_per_s if on else None),
+        ("create_time → terminal update_time p50 ms", _p50(off.terminal_latency) if off else None,
+         _p50(on.terminal_latency) if on else None),
+        *_cpu_measures(off, on, ("users", "inventory", "payments", "orders", "notifications"), "order"),
+    ]
+    return _change_rows(measures)
 
 
 def usage_table(usage: Sequence[ProcessUsage], harness: ProcessUsage) -> Table:
@@ -269,20 +361,32 @@ def format_table(rows: Table) -> list[str]:
 
 
 def _span_lines(phases: dict[str, PhaseResult]) -> list[str]:
-    phase = phases.get("tidings-on")
-    if phase is None or phase.spans is None:
-        return []
-    counts = ", ".join(f"{service}: {count}" for service, count in sorted(phase.spans.items()))
-    return ["", f"Spans received by the OTLP receiver with tracing on: {counts or 'none'}."]
+    lines = []
+    for key in ("tidings-on", "saga-on"):
+        phase = phases.get(key)
+        if phase is None or phase.spans is None:
+            continue
+        counts = ", ".join(f"{service}: {count}" for service, count in sorted(phase.spans.items()))
+        lines += ["", f"Spans received by the OTLP receiver in {phase.title}: {counts or 'none'}."]
+    return lines
 
 
 def result_sections(report: Report) -> list[tuple[str, list[str]]]:
     """Return the headings and lines of the measurement sections, shared by terminal and page."""
+    tracing_lines = [
+        *format_table(tracing_table(report.phases)),
+        "",
+        *format_table(saga_tracing_table(report.phases)),
+        *_span_lines(report.phases),
+    ]
     sections = [
         ("Throughput and call latency", format_table(throughput_table(report.phases))),
         ("End-to-end event latency", format_table(event_table(report.phases))),
-        ("Tidings path against the references", format_table(ratio_table(report.phases))),
-        ("Tracing cost", format_table(tracing_table(report.phases)) + _span_lines(report.phases)),
+        ("Order saga: time to a terminal state",
+         format_table(saga_table(report.phases)) + _outcome_lines(report.phases)),
+        ("CreateUser path against the references", format_table(ratio_table(report.phases))),
+        ("PlaceOrder path against the references", format_table(saga_ratio_table(report.phases))),
+        ("Tracing cost", tracing_lines),
         ("Peak RSS and CPU time per process", format_table(usage_table(report.usage, report.harness))),
     ]
     problems = [

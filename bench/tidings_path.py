@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +29,10 @@ from tidings.users.v1 import user_pb2, user_service_pb2, user_service_pb2_grpc
 # Durable consumer name of the notifications service (services/notifications/main.py).
 NOTIFICATIONS_DURABLE = "notifications-users"
 
-# Milliseconds between span exports. The SDK default is 5000.
-BSP_SCHEDULE_DELAY_MS = 100
+# Milliseconds between span exports: the SDK default, as a deployment runs.
+# A 100 ms delay lowered CreateUser throughput by about a third against the
+# default in one comparison on this machine, because each export has a fixed cost.
+BSP_SCHEDULE_DELAY_MS = 5000
 
 
 @dataclass(frozen=True)
@@ -41,20 +44,22 @@ class ServiceAddresses:
 
 
 def service_environment(
-    nats_url: str, data_dir: Path, addresses: ServiceAddresses, otlp_port: int | None
+    nats_url: str, data_dir: Path, addresses: Mapping[str, str], otlp_port: int | None
 ) -> dict[str, str]:
-    """Return the environment of the users and notifications processes.
+    """Return the environment of the service processes of one run.
 
-    With otlp_port, spans go to the OTLP/gRPC receiver on that port. Without
-    it, the OpenTelemetry SDK is disabled.
+    addresses maps each service name, such as ``users``, to its loopback
+    ``host:port``, which every process gets as TIDINGS_<NAME>_PORT. With
+    otlp_port, spans go to the OTLP/gRPC receiver on that port. Without it, the
+    OpenTelemetry SDK is disabled.
     """
     variables = {
         "NATS_URL": nats_url,
         "TIDINGS_DATA_DIR": str(data_dir),
-        "TIDINGS_USERS_PORT": addresses.users.rsplit(":", 1)[1],
-        "TIDINGS_NOTIFICATIONS_PORT": addresses.notifications.rsplit(":", 1)[1],
         "TIDINGS_LOG_LEVEL": "WARNING",
     }
+    for service, address in addresses.items():
+        variables[f"TIDINGS_{service.upper()}_PORT"] = address.rsplit(":", 1)[1]
     if otlp_port is None:
         variables["OTEL_SDK_DISABLED"] = "true"
     else:
@@ -67,30 +72,54 @@ def service_environment(
     return child_environment(variables)
 
 
+async def start_otlp_receiver(processes: ProcessSet, result_path: Path) -> tuple[Child, int]:
+    """Start the span-counting OTLP/gRPC receiver on a free loopback port and return it and the port.
+
+    The receiver writes its span counts to result_path when it stops.
+    """
+    [port] = free_ports(1)
+    receiver = await processes.start_python(
+        "OTLP receiver",
+        ["-m", "bench.servers", "otlp", "--port", str(port), "--result", str(result_path)],
+        child_environment({}),
+    )
+    await receiver.wait_until_serving(f"127.0.0.1:{port}")
+    return receiver, port
+
+
 async def measure_tidings(
-    result: PhaseResult, processes: ProcessSet, load: Load, work_dir: Path, *, tracing: bool
+    result: PhaseResult,
+    processes: ProcessSet,
+    load: Load,
+    work_dir: Path,
+    *,
+    tracing: bool,
+    users_module: str = "services.users.main",
+    variant: str = "Tidings",
 ) -> None:
-    """Run the users and notifications services with their own nats-server and measure them."""
-    label = "tracing on" if tracing else "tracing off"
-    nats_server = await processes.start_nats(f"nats-server (Tidings, {label})")
+    """Run a users service and the notifications service with their own nats-server and measure them.
+
+    users_module selects the users process: the real service, or the
+    dual-write baseline in bench.dual_write that publishes inline.
+    """
+    label = f"{variant}, tracing on" if tracing else f"{variant}, tracing off"
+    nats_server = await processes.start_nats(f"nats-server ({label})")
+    suffix = f"{variant.lower().replace(' ', '-')}-{'on' if tracing else 'off'}"
 
     receiver: Child | None = None
-    receiver_result = work_dir / f"otlp-{'on' if tracing else 'off'}.json"
+    receiver_result = work_dir / f"otlp-{suffix}.json"
     otlp_port: int | None = None
     if tracing:
-        [otlp_port] = free_ports(1)
-        receiver = await processes.start_python(
-            "OTLP receiver",
-            ["-m", "bench.servers", "otlp", "--port", str(otlp_port), "--result", str(receiver_result)],
-            child_environment({}),
-        )
-        await receiver.wait_until_serving(f"127.0.0.1:{otlp_port}")
+        receiver, otlp_port = await start_otlp_receiver(processes, receiver_result)
 
     users_port, notifications_port = free_ports(2)
     addresses = ServiceAddresses(f"127.0.0.1:{users_port}", f"127.0.0.1:{notifications_port}")
-    data_dir = work_dir / f"data-{'on' if tracing else 'off'}"
-    environment = service_environment(nats_server.url, data_dir, addresses, otlp_port)
-    users = await processes.start_python(f"users ({label})", ["-m", "services.users.main"], environment)
+    data_dir = work_dir / f"data-{suffix}"
+    environment = service_environment(
+        nats_server.url, data_dir,
+        {"users": addresses.users, "notifications": addresses.notifications}, otlp_port,
+    )
+    users = await processes.start_python(f"users ({label})", ["-m", users_module], environment)
     notifications = await processes.start_python(
         f"notifications ({label})", ["-m", "services.notifications.main"], environment
     )
@@ -104,7 +133,7 @@ async def measure_tidings(
     # The services flush their last spans on SIGTERM, so the receiver stops after them.
     for service in (users, notifications):
         await processes.stop(service)
-        result.notes += _service_problems(service)
+        result.notes += service_problems(service)
     if receiver is not None:
         await processes.stop(receiver)
         counts = await wait_for_result(receiver, receiver_result, timeout=5.0)
@@ -314,7 +343,7 @@ def _summarize(
         result.pipeline_per_s = len(stored_ms) / ((last_stored_ns - min(calls.start_wall_ns)) / 1e9)
 
 
-def _service_problems(service: Child) -> list[str]:
+def service_problems(service: Child) -> list[str]:
     """Return notes on a nonzero exit code and on the WARNING and ERROR lines in a service's log."""
     notes = []
     if service.process.returncode != 0:

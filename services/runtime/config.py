@@ -68,6 +68,10 @@ class Settings(BaseSettings):
         default=1.0, description="Seconds between outbox scans when no commit wakes the relay."
     )
     relay_publish_timeout: PositiveSeconds = 5.0
+    relay_linger: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.005,
+        description="Seconds the relay waits after a wake-up so that more commits join the batch.",
+    )
 
     consumer_batch_size: Annotated[int, Field(ge=1, le=1000)] = 64
     consumer_ack_wait: PositiveSeconds = 30.0

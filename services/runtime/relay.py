@@ -46,6 +46,7 @@ class OutboxRelay:
         batch_size: int,
         poll_interval: float,
         publish_timeout: float,
+        linger: float = 0.0,
     ) -> None:
         self._database = database
         self._table = table
@@ -54,6 +55,7 @@ class OutboxRelay:
         self._batch_size = batch_size
         self._poll_interval = poll_interval
         self._publish_timeout = publish_timeout
+        self._linger = linger
         self._wake = asyncio.Event()
         self._stopping = False
         self._outage_started: float | None = None
@@ -85,6 +87,11 @@ class OutboxRelay:
             self._report_recovery()
             if published < self._batch_size:
                 await self._sleep(self._poll_interval)
+                if self._linger and not self._stopping:
+                    # Let the commits that follow the first one join its
+                    # batch: one read, one pipelined publish and one UPDATE
+                    # then cover many rows instead of one.
+                    await asyncio.sleep(self._linger)
 
     async def publish_pending(self) -> int:
         """Publish one batch of pending rows and mark them sent; return how many.

@@ -234,6 +234,7 @@ class Service:
             batch_size=self.settings.relay_batch_size,
             poll_interval=self.settings.relay_poll_interval,
             publish_timeout=self.settings.relay_publish_timeout,
+            linger=self.settings.relay_linger,
         )
         self.runtime.outbox.on_commit(self.relay.wake)
         self._spawn(self.relay.run(), "outbox relay")

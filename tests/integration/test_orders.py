@@ -294,10 +294,10 @@ async def test_place_order_propagates_deadline(settings: Settings) -> None:
             traced_channel(isolated.address_of("orders")) as channel,
         ):
             await OrderStub(channel).PlaceOrder(
-                place_request(str(uuid.uuid4()), (PRODUCT, 1)), timeout=2.0
+                place_request(str(uuid.uuid4()), (PRODUCT, 1)), timeout=10.0
             )
     finally:
         await fake_users.stop(None)
 
     assert recorder.remaining[0] is not None
-    assert recorder.remaining[0] <= 2.0
+    assert recorder.remaining[0] <= 10.0

@@ -34,6 +34,8 @@ from services.runtime.consumer_spec import (
     processed_events_table,
 )
 from services.runtime.database import Database, Transaction
+from services.runtime.deadletters import DeadLetterPublisher
+from services.runtime.errors import PermanentEventError
 from services.runtime.events import EventDecodeError, ReceivedEvent, decode_event
 
 logger = logging.getLogger(__name__)
@@ -77,6 +79,8 @@ class EventConsumer:
         self._settings = settings
         self._stopping = asyncio.Event()
         self._insert_processed = database.insert_ignoring_conflicts(table)
+        self._dead_letters = DeadLetterPublisher(self._js, spec.durable, spec.stream)
+        self.dead_lettered = 0
         self.applied = 0
         self.duplicates = 0
 
@@ -87,7 +91,10 @@ class EventConsumer:
             deliver_policy=DeliverPolicy.ALL,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=self._settings.ack_wait,
-            max_deliver=self._settings.max_deliver,
+            # The consumer counts deliveries itself and dead-letters on the
+            # last one; a server-side limit would drop a message whose
+            # dead-letter publish failed instead of delivering it again.
+            max_deliver=-1,
             filter_subjects=list(self.spec.subjects),
             max_ack_pending=max(1000, self._settings.batch_size * 4),
         )
@@ -167,12 +174,7 @@ class EventConsumer:
             event = decode_event(message.headers, message.data)
             payload = event.message()
         except EventDecodeError as exc:
-            # NOTE: terminated, not dead-lettered; the log line is the only record.
-            logger.error(
-                "event cannot be decoded; terminated",
-                extra={"consumer": self.spec.durable, "subject": message.subject, "error": str(exc)},
-            )
-            await message.term()
+            await self._dead_letter(message, "undecodable", exc)
             return None
 
         handler = self.spec.handlers.get(event.type)
@@ -260,23 +262,35 @@ class EventConsumer:
 
     async def _retry_later(self, message: Msg, event: ReceivedEvent, error: Exception) -> None:
         delivered = message.metadata.num_delivered
-        fields = {
-            "consumer": self.spec.durable,
-            "event_id": event.id,
-            "event_type": event.type,
-            "delivery": delivered,
-        }
+        if isinstance(error, PermanentEventError):
+            await self._dead_letter(message, "permanent failure", error)
+            return
         if delivered >= self._settings.max_deliver:
-            # NOTE: terminated, not dead-lettered; the log line is the only record.
-            logger.error("handler failed on the last delivery; event terminated", extra=fields,
-                         exc_info=error)
-            await message.term()
+            await self._dead_letter(message, f"failed {delivered} deliveries", error)
             return
         backoff = self._settings.backoff
         delay = backoff[min(delivered, len(backoff)) - 1] if backoff else None
-        logger.warning("handler failed; redelivery scheduled", extra={**fields, "delay": delay},
-                       exc_info=error)
+        logger.warning(
+            "handler failed; redelivery scheduled",
+            extra={"consumer": self.spec.durable, "event_id": event.id, "event_type": event.type,
+                   "delivery": delivered, "delay": delay},
+            exc_info=error,
+        )
         await message.nak(delay=delay)
+
+    async def _dead_letter(self, message: Msg, reason: str, error: BaseException) -> None:
+        """Move a message to the dead letters, or leave it for redelivery if that fails."""
+        try:
+            await self._dead_letters.publish(message, reason=reason, error=error)
+        except (NatsError, JetStreamError, TimeoutError) as exc:
+            logger.warning(
+                "dead letter not stored; the event is delivered again",
+                extra={"consumer": self.spec.durable, "subject": message.subject, "error": repr(exc)},
+            )
+            await message.nak(delay=self._settings.backoff[-1] if self._settings.backoff else None)
+            return
+        await message.term()
+        self.dead_lettered += 1
 
     async def _keep_in_progress(self, messages: list[Msg]) -> None:
         """Extend the ack deadline while slow handlers run, so nothing is redelivered meanwhile."""

@@ -2,6 +2,7 @@
 
     TidingsError
     ├── ConfigurationError      invalid setting at start; never sent to a client
+    ├── PermanentEventError     raised by an event handler: retrying cannot help
     └── ServiceError            raised by handlers, sent as google.rpc.Status
         ├── InvalidArgument     INVALID_ARGUMENT with BadRequest field violations
         ├── NotFound            NOT_FOUND
@@ -29,6 +30,14 @@ class TidingsError(Exception):
 
 class ConfigurationError(TidingsError):
     """A setting has an invalid value; the message names the variable and the fix."""
+
+
+class PermanentEventError(TidingsError):
+    """Raised by an event handler for an event that can never succeed.
+
+    The consumer moves the event to the dead letters at once instead of
+    spending its remaining deliveries on it.
+    """
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from services.runtime.consumer import (
     processed_events_table,
 )
 from services.runtime.database import Database
+from services.runtime.deadletters import DEADLETTERS
 from services.runtime.errors import ConfigurationError
 from services.runtime.idempotency import RequestLog, request_log_table
 from services.runtime.interceptors import ErrorMappingInterceptor
@@ -214,7 +215,7 @@ class Service:
 
     async def _ensure_streams(self) -> None:
         js = self.runtime.nats.jetstream()
-        for stream in self.spec.streams:
+        for stream in (*self.spec.streams, DEADLETTERS):
             await ensure_stream(
                 js,
                 stream,

@@ -1,4 +1,4 @@
-"""The `tidings` command: up, demo, events tail, bench."""
+"""The `tidings` command: up, demo, events tail, dlq, bench."""
 
 from __future__ import annotations
 
@@ -57,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
         help="exit after this many events (default: run until Ctrl-C)",
     )
 
+    from services.runtime.cli.dlq import add_arguments as add_dlq_arguments
+
+    add_dlq_arguments(commands)
+
     bench = commands.add_parser("bench", help="measure the main path against raw grpc and nats")
     bench.add_argument("--calls", type=int, default=2000, help="calls per measured phase")
     bench.add_argument("--concurrency", type=int, default=32, help="calls in flight at once")
@@ -99,6 +103,10 @@ async def _dispatch(options: argparse.Namespace, settings: object) -> int:
         from services.runtime.cli.tail import tail_events
 
         return await tail_events(settings, options.subject, count=options.count)
+    if options.command == "dlq":
+        from services.runtime.cli.dlq import run_dlq
+
+        return await run_dlq(settings, options)
     if options.command == "bench":
         from bench.harness import run_benchmark
 

@@ -15,12 +15,13 @@ from observability.logging import redact_url
 from services.runtime.cli.supervisor import discover_nats_url
 from services.runtime.config import Settings
 from services.runtime.events import EventDecodeError, decode_event
+from tidings.inventory.v1 import inventory_events_pb2
+from tidings.orders.v1 import order_events_pb2
+from tidings.payments.v1 import payment_events_pb2
+from tidings.users.v1 import user_events_pb2
 
 # Imported so that every event type can be decoded by its name.
-from tidings.inventory.v1 import inventory_events_pb2  # noqa: F401
-from tidings.orders.v1 import order_events_pb2  # noqa: F401
-from tidings.payments.v1 import payment_events_pb2  # noqa: F401
-from tidings.users.v1 import user_events_pb2  # noqa: F401
+EVENT_MODULES = (inventory_events_pb2, order_events_pb2, payment_events_pb2, user_events_pb2)
 
 CONNECT_ATTEMPTS = 3
 

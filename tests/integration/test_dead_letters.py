@@ -1,0 +1,193 @@
+"""Dead letters against a real nats-server: poison events, replay, and the inbox on replay."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+from nats.aio.client import Client as NATS
+from sqlalchemy import Column, MetaData, String, Table, func, select
+
+from services.runtime.config import Settings
+from services.runtime.consumer import ConsumerSpec
+from services.runtime.database import Transaction
+from services.runtime.deadletters import HEADER_PREFIX, read_dead_letters, replay
+from services.runtime.errors import PermanentEventError
+from services.runtime.events import ReceivedEvent, cloudevent_headers
+from services.runtime.service import Runtime, Service, ServiceSpec
+from services.runtime.streams import USERS
+from tests.helpers import running_service, wait_for
+from tidings.users.v1 import user_events_pb2, user_pb2
+
+SUBJECT = "tidings.users.user.created"
+
+_metadata = MetaData()
+_applied = Table("applied", _metadata, Column("event_id", String(64), primary_key=True))
+
+
+class _Handler:
+    """Fails for the event ids in `failing`, permanently for those in `permanent`."""
+
+    def __init__(self) -> None:
+        self.failing: set[str] = set()
+        self.permanent: set[str] = set()
+        self.attempts: list[str] = []
+
+    async def __call__(self, tx: Transaction, event: ReceivedEvent, message: object) -> None:
+        self.attempts.append(event.id)
+        if event.id in self.permanent:
+            raise PermanentEventError(f"event {event.id} can never be applied")
+        if event.id in self.failing:
+            raise RuntimeError(f"handler bug for {event.id}")
+        await tx.execute(_applied.insert().values(event_id=event.id))
+
+
+def _spec(handler: _Handler) -> ServiceSpec:
+    def consumers(runtime: Runtime) -> list[ConsumerSpec]:
+        return [ConsumerSpec("probe", USERS.name, (SUBJECT,), {"tidings.users.v1.UserCreated": handler})]
+
+    return ServiceSpec(name="users", metadata=_metadata, servicers=lambda runtime: [],
+                       streams=(USERS,), consumers=consumers)
+
+
+async def _publish(nats_client: NATS, event_id: str, *, body: bytes | None = None) -> None:
+    headers = cloudevent_headers(
+        event_id=event_id, source="/tests", event_type="tidings.users.v1.UserCreated",
+        time=datetime.now(UTC), subject="user-1",
+    )
+    if body is None:
+        body = user_events_pb2.UserCreated(user=user_pb2.User(id="user-1")).SerializeToString()
+    await nats_client.jetstream().publish(SUBJECT, body, headers=headers)
+
+
+async def _applied_ids(service: Service) -> list[str]:
+    async with service.runtime.database.transaction() as tx:
+        return list((await tx.execute(select(_applied.c.event_id))).scalars())
+
+
+async def _at_least_applied(service: Service, count: int) -> list[str] | None:
+    applied = await _applied_ids(service)
+    return applied if len(applied) >= count else None
+
+
+async def _dead_letter_count(nats_client: NATS, expected: int) -> bool:
+    return len(await read_dead_letters(nats_client.jetstream())) >= expected
+
+
+async def test_poison_event_dead_lettered_after_retries(settings: Settings, nats_client: NATS) -> None:
+    handler = _Handler()
+    handler.failing.add("poison")
+    limited = settings.model_copy(update={"consumer_max_deliver": 3})
+    async with running_service(_spec(handler), limited) as service:
+        await _publish(nats_client, "poison")
+        await _publish(nats_client, "good-1")
+        await _publish(nats_client, "good-2")
+
+        await wait_for(lambda: _dead_letter_count(nats_client, 1), timeout=15)
+        applied = await wait_for(lambda: _at_least_applied(service, 2), timeout=10)
+        letter = (await read_dead_letters(nats_client.jetstream()))[0]
+
+    assert handler.attempts.count("poison") == 3
+    assert sorted(applied) == ["good-1", "good-2"]
+    assert letter.event_id == "poison"
+    assert letter.consumer == "probe"
+    assert letter.subject == SUBJECT
+    assert letter.headers[f"{HEADER_PREFIX}Deliveries"] == "3"
+    assert "handler bug for poison" in letter.headers[f"{HEADER_PREFIX}Error"]
+
+
+async def test_permanent_error_dead_lettered_at_once(settings: Settings, nats_client: NATS) -> None:
+    handler = _Handler()
+    handler.permanent.add("hopeless")
+    async with running_service(_spec(handler), settings):
+        await _publish(nats_client, "hopeless")
+
+        await wait_for(lambda: _dead_letter_count(nats_client, 1), timeout=10)
+
+    assert handler.attempts == ["hopeless"]
+
+
+async def test_undecodable_event_dead_lettered(settings: Settings, nats_client: NATS) -> None:
+    handler = _Handler()
+    async with running_service(_spec(handler), settings):
+        await _publish(nats_client, "garbled", body=b"\xff\xff not protobuf")
+
+        await wait_for(lambda: _dead_letter_count(nats_client, 1), timeout=10)
+        letter = (await read_dead_letters(nats_client.jetstream()))[0]
+
+    assert handler.attempts == []
+    assert letter.headers[f"{HEADER_PREFIX}Reason"] == "undecodable"
+
+
+async def test_replay_applies_fixed_event_once(settings: Settings, nats_client: NATS) -> None:
+    handler = _Handler()
+    handler.permanent.add("fixable")
+    async with running_service(_spec(handler), settings) as service:
+        await _publish(nats_client, "fixable")
+        await wait_for(lambda: _dead_letter_count(nats_client, 1), timeout=10)
+        handler.permanent.clear()
+        letter = (await read_dead_letters(nats_client.jetstream()))[0]
+
+        await replay(nats_client.jetstream(), letter)
+        applied = await wait_for(lambda: _applied_ids(service), timeout=10)
+        remaining = await read_dead_letters(nats_client.jetstream())
+
+    assert applied == ["fixable"]
+    assert remaining == []
+
+
+async def test_replay_of_applied_event_changes_nothing(settings: Settings, nats_client: NATS) -> None:
+    handler = _Handler()
+    async with running_service(_spec(handler), settings) as service:
+        event_id = str(uuid.uuid4())
+        await _publish(nats_client, event_id)
+        await wait_for(lambda: _applied_ids(service), timeout=10)
+        # A dead letter of an event this consumer already applied, as an
+        # operator might replay by mistake.
+        handler.permanent.add("other")
+        await _publish(nats_client, "other")
+        await wait_for(lambda: _dead_letter_count(nats_client, 1), timeout=10)
+        letter = (await read_dead_letters(nats_client.jetstream()))[0]
+        duplicate = type(letter)(letter.sequence, letter.data, {**letter.headers, "ce-id": event_id})
+
+        await replay(nats_client.jetstream(), duplicate)
+        await wait_for(lambda: _duplicates(service, 1), timeout=10)
+        count = await _count_applied(service)
+
+    assert count == 1
+
+
+async def _duplicates(service: Service, expected: int) -> bool:
+    return service.consumers[0].duplicates >= expected
+
+
+async def _count_applied(service: Service) -> int:
+    async with service.runtime.database.transaction() as tx:
+        return int((await tx.execute(select(func.count()).select_from(_applied))).scalar_one())
+
+
+async def test_dlq_command_lists_and_purges(
+    settings: Settings, nats_client: NATS, capsys, monkeypatch
+) -> None:
+    from services.runtime.cli import _parser
+    from services.runtime.cli.dlq import run_dlq
+
+    monkeypatch.setenv("NATS_URL", settings.nats_url)
+    handler = _Handler()
+    handler.permanent.update({"first", "second"})
+    async with running_service(_spec(handler), settings):
+        await _publish(nats_client, "first")
+        await _publish(nats_client, "second")
+        await wait_for(lambda: _dead_letter_count(nats_client, 2), timeout=10)
+
+    listed = await run_dlq(settings, _parser().parse_args(["dlq", "list", "--consumer", "probe"]))
+    listing = capsys.readouterr().out
+    refused = await run_dlq(settings, _parser().parse_args(["dlq", "purge"]))
+    purged = await run_dlq(settings, _parser().parse_args(["dlq", "purge", "--id", "first"]))
+    remaining = await read_dead_letters(nats_client.jetstream())
+
+    assert listed == 0
+    assert "2 dead letter(s)" in listing
+    assert refused == 2
+    assert purged == 0
+    assert [letter.event_id for letter in remaining] == ["second"]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -57,3 +60,37 @@ def settings(tmp_path: Path, nats_server: EmbeddedNats) -> Settings:
         consumer_backoff=(0.1, 0.2, 0.5),
         shutdown_grace=5.0,
     )
+
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "TIDINGS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+SERVICE_NAMES = ("users", "orders", "inventory", "payments", "notifications")
+
+
+@pytest.fixture
+async def postgres_url() -> AsyncIterator[str]:
+    """A database URL template with one new, empty PostgreSQL database per service.
+
+    The URL contains ``{service}``, which Settings.database_url_for replaces
+    with the service name. The databases are dropped afterwards. Uses the
+    server at TIDINGS_TEST_POSTGRES_URL (default: the local one with trust
+    authentication); the test is skipped, saying why, when none answers.
+    """
+    prefix = f"tidings_test_{uuid.uuid4().hex[:10]}"
+    try:
+        admin = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.skip(f"no PostgreSQL at {POSTGRES_ADMIN_URL} ({exc}); set TIDINGS_TEST_POSTGRES_URL")
+    names = [f"{prefix}_{service}" for service in SERVICE_NAMES]
+    try:
+        for name in names:
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
+        yield f"{base}/{prefix}_{{service}}"
+    finally:
+        for name in names:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()

@@ -117,9 +117,13 @@ class Settings(BaseSettings):
         return f"{self.host}:{self.port_of(service)}"
 
     def database_url_for(self, service: str) -> str:
-        """Return the database URL of a service, a SQLite file under data_dir by default."""
+        """Return the database URL of a service, a SQLite file under data_dir by default.
+
+        A ``{service}`` in TIDINGS_DATABASE_URL is replaced with the service
+        name, so one setting gives each service a database of its own.
+        """
         if self.database_url:
-            return self.database_url
+            return self.database_url.replace("{service}", service)
         return f"sqlite+aiosqlite:///{self.data_dir.resolve() / f'{service}.sqlite3'}"
 
 

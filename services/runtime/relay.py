@@ -25,7 +25,7 @@ from sqlalchemy import Table, select, update
 
 from observability.messaging import start_producer_span
 from observability.propagation import inject_context
-from services.runtime.database import Database, as_utc
+from services.runtime.database import Database, Transaction, as_utc
 from services.runtime.events import cloudevent_headers
 
 logger = logging.getLogger(__name__)
@@ -101,15 +101,15 @@ class OutboxRelay:
                 acknowledged. Rows acknowledged before the failure are still
                 marked sent; the rest stay pending.
         """
+        if self._database.is_sqlite:
+            return await self._publish_pending_sqlite()
+        return await self._publish_pending_locked()
+
+    async def _publish_pending_sqlite(self) -> int:
+        # One relay per SQLite file: read, publish and mark in separate
+        # transactions, so the single writer is not held during the publish.
         async with self._database.transaction() as tx:
-            rows = (
-                await tx.execute(
-                    select(self._table)
-                    .where(self._table.c.sent_at.is_(None))
-                    .order_by(self._table.c.seq)
-                    .limit(self._batch_size)
-                )
-            ).all()
+            rows = (await tx.execute(self._pending_query())).all()
         if not rows:
             return 0
 
@@ -117,12 +117,69 @@ class OutboxRelay:
 
         if acked:
             async with self._database.transaction() as tx:
-                await tx.execute(
-                    update(self._table)
-                    .where(self._table.c.seq.in_(acked))
-                    .values(sent_at=datetime.now(UTC))
-                )
-            self.published += len(acked)
+                await self._mark_sent(tx, acked)
+        return self._finish(acked, failure)
+
+    async def _publish_pending_locked(self) -> int:
+        """Publish with row locks, so that several relays can share one PostgreSQL outbox.
+
+        Each relay locks the rows it takes (skipping rows another relay has
+        locked) and keeps them locked until they are marked sent. Rows of an
+        aggregate are only taken in an unbroken run from its oldest pending
+        row, so a relay never publishes an event while an older one of the
+        same aggregate is still with another relay.
+        """
+        async with self._database.transaction() as tx:
+            locked = (await tx.execute(self._pending_query().with_for_update(skip_locked=True))).all()
+            rows = await self._in_order_rows(tx, locked)
+            if not rows:
+                return 0
+
+            acked, failure = await self._publish_batch(rows)
+
+            if acked:
+                await self._mark_sent(tx, acked)
+        return self._finish(acked, failure)
+
+    async def _in_order_rows(self, tx: Transaction, locked: list[Any]) -> list[Any]:
+        """Keep, per aggregate, the locked rows that follow its oldest pending row without a gap."""
+        if not locked:
+            return []
+        aggregates = {row.aggregate_id for row in locked}
+        pending = (
+            await tx.execute(
+                select(self._table.c.aggregate_id, self._table.c.seq)
+                .where(self._table.c.sent_at.is_(None), self._table.c.aggregate_id.in_(aggregates))
+                .order_by(self._table.c.seq)
+            )
+        ).all()
+        ours = {row.seq for row in locked}
+        allowed: set[int] = set()
+        blocked: set[str] = set()
+        for aggregate_id, seq in pending:
+            if aggregate_id in blocked:
+                continue
+            if seq in ours:
+                allowed.add(seq)
+            else:
+                blocked.add(aggregate_id)
+        return [row for row in locked if row.seq in allowed]
+
+    def _pending_query(self) -> Any:
+        return (
+            select(self._table)
+            .where(self._table.c.sent_at.is_(None))
+            .order_by(self._table.c.seq)
+            .limit(self._batch_size)
+        )
+
+    async def _mark_sent(self, tx: Transaction, acked: list[int]) -> None:
+        await tx.execute(
+            update(self._table).where(self._table.c.seq.in_(acked)).values(sent_at=datetime.now(UTC))
+        )
+
+    def _finish(self, acked: list[int], failure: BaseException | None) -> int:
+        self.published += len(acked)
         if failure is not None:
             raise failure
         return len(acked)

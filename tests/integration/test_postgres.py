@@ -133,3 +133,108 @@ async def test_saga_on_postgres_keeps_stock_and_money(
 async def _settled_product(inventory: inventory_service_pb2_grpc.InventoryServiceStub, product_id: str):
     product = (await inventory.GetProduct(inventory_service_pb2.GetProductRequest(id=product_id))).product
     return product if product.reserved == 0 else None
+
+
+async def test_two_relays_keep_aggregate_order(pg_settings: Settings, nats_client: NATS) -> None:
+    import nats
+    from sqlalchemy import MetaData
+
+    from services.runtime.database import Database
+    from services.runtime.events import Event
+    from services.runtime.outbox import Outbox, outbox_table
+    from services.runtime.relay import OutboxRelay
+    from services.runtime.streams import USERS, ensure_stream
+    from tidings.users.v1 import user_events_pb2
+
+    metadata = MetaData()
+    outbox = Outbox(outbox_table(metadata))
+    database = Database(pg_settings.database_url_for("users"), metadata)
+    await database.create_schema()
+    await ensure_stream(nats_client.jetstream(), USERS, replicas=1, duplicate_window=120)
+    aggregates = [f"user-{index}" for index in range(4)]
+    for round_number in range(60):
+        async with database.transaction() as tx:
+            await outbox.add(tx, [
+                Event("tidings.users.user.updated",
+                      user_events_pb2.UserUpdated(user=user_pb2.User(id=aggregate, revision=round_number)),
+                      aggregate)
+                for aggregate in aggregates
+            ])
+    clients = [await nats.connect(pg_settings.nats_url) for _ in range(2)]
+    relays = [
+        OutboxRelay(database, outbox.table, client, source="/tests", batch_size=16,
+                    poll_interval=0.05, publish_timeout=5.0)
+        for client in clients
+    ]
+    runs = [asyncio.create_task(relay.run()) for relay in relays]
+    try:
+        await wait_for(lambda: _all_published(relays, 240), timeout=30)
+    finally:
+        for relay in relays:
+            relay.stop()
+        await asyncio.gather(*runs)
+        for client in clients:
+            await client.close()
+        await database.close()
+
+    subscription = await nats_client.jetstream().subscribe("tidings.users.>", ordered_consumer=True)
+    revisions: dict[str, list[int]] = {aggregate: [] for aggregate in aggregates}
+    for _ in range(240):
+        message = await subscription.next_msg(timeout=5)
+        event = user_events_pb2.UserUpdated.FromString(message.data)
+        revisions[event.user.id].append(event.user.revision)
+
+    assert sum(relay.published for relay in relays) == 240
+    for aggregate, seen in revisions.items():
+        assert seen == list(range(60)), f"events of {aggregate} out of order: {seen}"
+
+
+async def _all_published(relays, expected: int) -> bool:
+    return sum(relay.published for relay in relays) >= expected
+
+
+async def test_relay_skips_aggregate_held_by_other(pg_settings: Settings, nats_client: NATS) -> None:
+    import nats
+    from sqlalchemy import MetaData, select
+
+    from services.runtime.database import Database
+    from services.runtime.events import Event
+    from services.runtime.outbox import Outbox, outbox_table
+    from services.runtime.relay import OutboxRelay
+    from services.runtime.streams import USERS, ensure_stream
+    from tidings.users.v1 import user_events_pb2
+
+    metadata = MetaData()
+    outbox = Outbox(outbox_table(metadata))
+    table = outbox.table
+    database = Database(pg_settings.database_url_for("users"), metadata)
+    await database.create_schema()
+    await ensure_stream(nats_client.jetstream(), USERS, replicas=1, duplicate_window=120)
+    async with database.transaction() as tx:
+        await outbox.add(tx, [
+            Event("tidings.users.user.updated",
+                  user_events_pb2.UserUpdated(user=user_pb2.User(id=aggregate, revision=revision)),
+                  aggregate)
+            for revision in range(3) for aggregate in ("held", "free")
+        ])
+    client = await nats.connect(pg_settings.nats_url)
+    relay = OutboxRelay(database, table, client, source="/tests", batch_size=100,
+                        poll_interval=0.05, publish_timeout=5.0)
+    try:
+        # Another relay is publishing the oldest event of "held" right now.
+        async with database.transaction() as other:
+            oldest = select(table.c.seq).where(table.c.aggregate_id == "held").order_by(table.c.seq).limit(1)
+            await other.execute(select(table).where(table.c.seq.in_(oldest)).with_for_update())
+
+            published = await relay.publish_pending()
+
+        async with database.transaction() as tx:
+            sent = (await tx.execute(
+                select(table.c.aggregate_id).where(table.c.sent_at.is_not(None))
+            )).scalars().all()
+    finally:
+        await client.close()
+        await database.close()
+
+    assert published == 3
+    assert sorted(sent) == ["free", "free", "free"]

@@ -35,12 +35,18 @@ class ConsumerSpec:
         subjects: Subject filters within the stream.
         handlers: Handler per CloudEvents type (full protobuf name). Events of
             other types are acknowledged and skipped.
+        max_deliver: Deliveries before an event goes to the dead letters;
+            TIDINGS_CONSUMER_MAX_DELIVER when None.
+        backoff: Seconds to wait before the 2nd, 3rd, ... delivery after a
+            failure (the last value repeats); TIDINGS_CONSUMER_BACKOFF when None.
     """
 
     durable: str
     stream: str
     subjects: tuple[str, ...]
     handlers: Mapping[str, Handler]
+    max_deliver: int | None = None
+    backoff: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import sys
@@ -253,7 +254,11 @@ class Service:
                 self.runtime.database,
                 self.runtime.processed_events,
                 self.runtime.nats,
-                consumer_settings,
+                dataclasses.replace(
+                    consumer_settings,
+                    max_deliver=consumer_spec.max_deliver or consumer_settings.max_deliver,
+                    backoff=consumer_spec.backoff or consumer_settings.backoff,
+                ),
             )
             await consumer.start()
             self.consumers.append(consumer)

@@ -42,9 +42,10 @@ class _Handler:
         await tx.execute(_applied.insert().values(event_id=event.id))
 
 
-def _spec(handler: _Handler) -> ServiceSpec:
+def _spec(handler: _Handler, max_deliver: int | None = None) -> ServiceSpec:
     def consumers(runtime: Runtime) -> list[ConsumerSpec]:
-        return [ConsumerSpec("probe", USERS.name, (SUBJECT,), {"tidings.users.v1.UserCreated": handler})]
+        return [ConsumerSpec("probe", USERS.name, (SUBJECT,), {"tidings.users.v1.UserCreated": handler},
+                             max_deliver=max_deliver, backoff=(0.05,))]
 
     return ServiceSpec(name="users", metadata=_metadata, servicers=lambda runtime: [],
                        streams=(USERS,), consumers=consumers)
@@ -77,8 +78,7 @@ async def _dead_letter_count(nats_client: NATS, expected: int) -> bool:
 async def test_poison_event_dead_lettered_after_retries(settings: Settings, nats_client: NATS) -> None:
     handler = _Handler()
     handler.failing.add("poison")
-    limited = settings.model_copy(update={"consumer_max_deliver": 3})
-    async with running_service(_spec(handler), limited) as service:
+    async with running_service(_spec(handler, max_deliver=3), settings) as service:
         await _publish(nats_client, "poison")
         await _publish(nats_client, "good-1")
         await _publish(nats_client, "good-2")

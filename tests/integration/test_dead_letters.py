@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime
 
 from nats.aio.client import Client as NATS
 from sqlalchemy import Column, MetaData, String, Table, func, select
 
+from services.runtime.cli.embedded_nats import free_port
 from services.runtime.config import Settings
 from services.runtime.consumer import ConsumerSpec
 from services.runtime.database import Transaction
@@ -191,3 +193,50 @@ async def test_dlq_command_lists_and_purges(
     assert refused == 2
     assert purged == 0
     assert [letter.event_id for letter in remaining] == ["second"]
+
+
+async def test_slow_handlers_outlive_ack_wait_once(
+    settings: Settings, nats_client: NATS, tmp_path
+) -> None:
+    deliveries: list[tuple[str, int]] = []
+
+    async def slow(tx: Transaction, event: ReceivedEvent, message: object) -> None:
+        await asyncio.sleep(1.5)
+        await tx.execute(_applied.insert().values(event_id=event.id))
+
+    def consumers(runtime: Runtime) -> list[ConsumerSpec]:
+        return [ConsumerSpec("slow", USERS.name, (SUBJECT,), {"tidings.users.v1.UserCreated": slow})]
+
+    spec = ServiceSpec(name="users", metadata=_metadata, servicers=lambda runtime: [],
+                       streams=(USERS,), consumers=consumers)
+    short_ack = settings.model_copy(update={"consumer_ack_wait": 1.0})
+    # A second replica on the same durable would receive any redelivery that
+    # an expired ack_wait causes while the first one still works.
+    replica = short_ack.model_copy(update={"data_dir": tmp_path / "replica", "users_port": free_port()})
+    async with (
+        running_service(spec, short_ack) as first,
+        running_service(spec, replica) as second,
+    ):
+        for service in (first, second):
+            _record_deliveries(service, deliveries)
+        await _publish(nats_client, "slow-1")
+        await _publish(nats_client, "slow-2")
+        await wait_for(lambda: _applied_in_either(first, second, 2), timeout=20)
+        info = await nats_client.jetstream().consumer_info("USERS", "slow")
+
+    assert sorted(event_id for event_id, _ in deliveries) == ["slow-1", "slow-2"]
+    assert info.num_redelivered == 0
+
+
+def _record_deliveries(service: Service, deliveries: list[tuple[str, int]]) -> None:
+    original = service.consumers[0]._record_and_handle
+
+    async def recording(tx: Transaction, work) -> bool:  # type: ignore[no-untyped-def]
+        deliveries.append((work.event.id, work.message.metadata.num_delivered))
+        return await original(tx, work)
+
+    service.consumers[0]._record_and_handle = recording  # type: ignore[method-assign]
+
+
+async def _applied_in_either(first: Service, second: Service, count: int) -> bool:
+    return len(await _applied_ids(first)) + len(await _applied_ids(second)) >= count

@@ -156,3 +156,8 @@ def _message_class(full_name: str) -> type[Message]:
             f"unknown event type {full_name!r}: import its generated _pb2 module first"
         ) from exc
     return message_factory.GetMessageClass(descriptor)
+
+
+def encoded_header_size(headers: Mapping[str, str]) -> int:
+    """Return the bytes NATS sends for headers: the version line, one line each, a blank line."""
+    return len("NATS/1.0\r\n\r\n") + sum(len(k) + len(v) + 4 for k, v in headers.items())

@@ -20,7 +20,8 @@ from sqlalchemy import (
 
 from observability.propagation import inject_context
 from services.runtime.database import Transaction
-from services.runtime.events import Event
+from services.runtime.errors import FieldViolation, InvalidArgument
+from services.runtime.events import Event, cloudevent_headers, encoded_header_size
 
 
 def outbox_table(metadata: MetaData) -> Table:
@@ -49,11 +50,23 @@ def outbox_table(metadata: MetaData) -> Table:
     return table
 
 
+# Room for the headers the relay adds at publish time (its traceparent may
+# differ from the stored one, and tracestate values can grow).
+_HEADER_HEADROOM = 512
+
+# nats-server's default max_payload; the real value comes from the server.
+DEFAULT_MAX_PAYLOAD = 1024 * 1024
+
+
 class Outbox:
     """Writes events into the outbox inside a caller's transaction."""
 
-    def __init__(self, table: Table) -> None:
+    def __init__(
+        self, table: Table, source: str = "", max_payload: Callable[[], int] = lambda: DEFAULT_MAX_PAYLOAD
+    ) -> None:
         self.table = table
+        self._source = source
+        self._max_payload = max_payload
         self._insert = table.insert()
         self._listeners: list[Callable[[], None]] = []
 
@@ -71,6 +84,8 @@ class Outbox:
         inject_context(trace_headers)
         encoded_trace = json.dumps(trace_headers)
 
+        for event in events:
+            self._check_size(event, trace_headers)
         rows = [
             {
                 "event_id": event.id,
@@ -88,3 +103,23 @@ class Outbox:
         await tx.execute(self._insert, rows)
         for listener in self._listeners:
             tx.after_commit(listener)
+
+    def _check_size(self, event: Event, trace_headers: dict[str, str]) -> None:
+        """Reject an event that NATS would refuse, before the transaction commits.
+
+        A message above the server's max_payload (body plus headers) is
+        refused by the server, which also closes the connection, so it must
+        never reach the outbox.
+        """
+        headers = cloudevent_headers(
+            event_id=event.id, source=self._source, event_type=event.type, time=event.time,
+            subject=event.aggregate_id,
+        )
+        size = event.message.ByteSize() + encoded_header_size({**headers, **trace_headers})
+        limit = self._max_payload()
+        if size + _HEADER_HEADROOM > limit:
+            raise InvalidArgument([FieldViolation(
+                "event",
+                f"the {event.type} event for {event.aggregate_id} would be {size} bytes with its "
+                f"headers; NATS accepts at most {limit - _HEADER_HEADROOM} here, so send less data",
+            )])

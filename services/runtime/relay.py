@@ -26,11 +26,16 @@ from sqlalchemy import Table, select, update
 from observability.messaging import start_producer_span
 from observability.propagation import inject_context
 from services.runtime.database import Database, Transaction, as_utc
-from services.runtime.events import cloudevent_headers
+from services.runtime.errors import TidingsError
+from services.runtime.events import cloudevent_headers, encoded_header_size
 
 logger = logging.getLogger(__name__)
 
 _MAX_BACKOFF = 5.0
+
+
+class EventTooLarge(TidingsError):
+    """An outbox row is larger than the NATS server accepts."""
 
 
 class OutboxRelay:
@@ -50,6 +55,7 @@ class OutboxRelay:
     ) -> None:
         self._database = database
         self._table = table
+        self._nats = nats
         self._js = nats.jetstream(timeout=publish_timeout)
         self._source = source
         self._batch_size = batch_size
@@ -77,7 +83,7 @@ class OutboxRelay:
             self._wake.clear()
             try:
                 published = await self.publish_pending()
-            except (NatsError, JetStreamError, TimeoutError, OSError) as exc:
+            except (NatsError, JetStreamError, TimeoutError, OSError, EventTooLarge) as exc:
                 self._report_outage(exc)
                 await self._sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF)
@@ -184,6 +190,25 @@ class OutboxRelay:
             raise failure
         return len(acked)
 
+    async def _publish_or_refuse(self, row: Any, headers: dict[str, str]) -> asyncio.Future[Any]:
+        """Publish a row, or fail its future when NATS would refuse its size.
+
+        The server answers an oversized message by closing the connection,
+        which would stop every other publish too. The outbox refuses such
+        events before they commit; this guards rows written before the
+        server's max_payload was lowered.
+        """
+        size = len(row.payload) + encoded_header_size(headers)
+        if size > self._nats.max_payload:
+            refused: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            refused.set_exception(EventTooLarge(
+                f"event {row.event_id} on {row.subject} is {size} bytes with headers, above the "
+                f"server's max_payload of {self._nats.max_payload}; it stays in the outbox"
+            ))
+            logger.error("event too large to publish", extra={"event_id": row.event_id, "size": size})
+            return refused
+        return await self._js.publish_async(row.subject, row.payload, headers=headers)
+
     async def _publish_batch(self, rows: list[Any]) -> tuple[list[int], BaseException | None]:
         spans = []
         futures: list[asyncio.Future[Any]] = []
@@ -205,7 +230,7 @@ class OutboxRelay:
                     subject=row.aggregate_id,
                 )
                 inject_context(headers, trace.set_span_in_context(span))
-                futures.append(await self._js.publish_async(row.subject, row.payload, headers=headers))
+                futures.append(await self._publish_or_refuse(row, headers))
 
             done, _ = await asyncio.wait(futures, timeout=self._publish_timeout)
         except BaseException as exc:

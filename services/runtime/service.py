@@ -45,7 +45,7 @@ from services.runtime.deadletters import DEADLETTERS
 from services.runtime.errors import ConfigurationError
 from services.runtime.idempotency import RequestLog, request_log_table
 from services.runtime.interceptors import ErrorMappingInterceptor
-from services.runtime.outbox import Outbox, outbox_table
+from services.runtime.outbox import DEFAULT_MAX_PAYLOAD, Outbox, outbox_table
 from services.runtime.relay import OutboxRelay
 from services.runtime.streams import StreamSpec, ensure_stream
 
@@ -88,15 +88,23 @@ class Runtime:
         self.name = spec.name
         self.settings = settings
         self.database = Database(settings.database_url_for(spec.name), spec.metadata)
-        self.outbox = Outbox(_runtime_table(spec.metadata, "outbox", outbox_table))
+        self.nats: NATS = NATS()
+        self.outbox = Outbox(
+            _runtime_table(spec.metadata, "outbox", outbox_table),
+            source=f"/tidings/{spec.name}",
+            max_payload=self._max_payload,
+        )
         self.request_log = RequestLog(
             _runtime_table(spec.metadata, "request_log", request_log_table)
         )
         self.processed_events = _runtime_table(
             spec.metadata, "processed_events", processed_events_table
         )
-        self.nats: NATS = NATS()
         self._closers: list[Callable[[], Awaitable[Any]]] = []
+
+    def _max_payload(self) -> int:
+        # max_payload is the server's value once connected, the default before.
+        return self.nats.max_payload if self.nats.is_connected else DEFAULT_MAX_PAYLOAD
 
     def on_stop(self, close: Callable[[], Awaitable[Any]]) -> None:
         """Run close at shutdown, after the server and consumers stopped (e.g. a client channel)."""

@@ -292,3 +292,24 @@ async def test_events_of_one_user_keep_their_order(users: UserStub, nats_client:
         "tidings.users.user.updated",
         "tidings.users.user.deleted",
     ]
+
+
+async def test_oversized_event_rejected_before_commit(
+    users: UserStub, users_service: Service, nats_client: NATS
+) -> None:
+    from services.runtime.errors import InvalidArgument
+    from services.runtime.events import Event
+
+    runtime = users_service.runtime
+    huge = user_pb2.User(id="u-1", display_name="x" * (2 * 1024 * 1024))
+
+    with pytest.raises(InvalidArgument) as raised:
+        async with runtime.database.transaction() as tx:
+            await runtime.outbox.add(tx, [Event("tidings.users.user.updated",
+                                                user_events_pb2.UserUpdated(user=huge), "u-1")])
+
+    assert "NATS accepts at most" in raised.value.violations[0].description
+    assert await outbox_rows(users_service) == 0
+    assert runtime.nats.is_connected
+    await settle_with_one_good_call(users, nats_client)
+    assert await stream_messages(nats_client) == 1

@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 import nats
+import nats.js.errors
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -225,12 +226,34 @@ class Service:
     async def _ensure_streams(self) -> None:
         js = self.runtime.nats.jetstream()
         for stream in (*self.spec.streams, DEADLETTERS):
-            await ensure_stream(
-                js,
-                stream,
-                replicas=self.settings.stream_replicas,
-                duplicate_window=self.settings.duplicate_window,
-            )
+            delay = 0.2
+            while True:
+                try:
+                    await ensure_stream(
+                        js,
+                        stream,
+                        replicas=self.settings.stream_replicas,
+                        duplicate_window=self.settings.duplicate_window,
+                    )
+                    break
+                except nats.js.errors.BadRequestError as exc:
+                    raise ConfigurationError(
+                        f"JetStream rejected stream {stream.name} with {self.settings.stream_replicas} "
+                        f"replica(s): {exc.description}; set TIDINGS_STREAM_REPLICAS to at most the "
+                        "number of servers in the cluster"
+                    ) from exc
+                except (nats.errors.Error, TimeoutError) as exc:
+                    # A JetStream cluster answers "temporarily unavailable"
+                    # until it has elected a leader.
+                    if self.stopping.is_set():
+                        return
+                    logger.warning(
+                        "cannot create or update the stream yet; retrying",
+                        extra={"stream": stream.name, "error": repr(exc), "retry_in": delay},
+                    )
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.stopping.wait(), timeout=delay)
+                    delay = min(delay * 2, 5.0)
 
     def _start_relay(self) -> None:
         if not self.settings.relay_enabled:

@@ -31,9 +31,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    commands.add_parser(
+    up = commands.add_parser(
         "up",
         help="start nats-server (unless NATS_URL is set) and every service; Ctrl-C stops all",
+    )
+    up.add_argument(
+        "--nats-cluster", type=_positive_int, default=1, metavar="N",
+        help="start N clustered nats-servers on loopback instead of one (streams get "
+        "min(N, 3) replicas unless TIDINGS_STREAM_REPLICAS is set)",
     )
 
     demo = commands.add_parser("demo", help="drive a scenario through a running system")
@@ -94,7 +99,7 @@ async def _dispatch(options: argparse.Namespace, settings: object) -> int:
     if options.command == "up":
         from services.runtime.cli.supervisor import Supervisor
 
-        return await Supervisor(settings).run()
+        return await Supervisor(settings, nats_cluster=options.nats_cluster).run()
     if options.command == "demo":
         from services.runtime.cli.demo import run_demo
 

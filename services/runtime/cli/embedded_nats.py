@@ -75,13 +75,16 @@ class EmbeddedNats:
 
     def __init__(
         self, store_dir: Path, *, port: int | None = None, host: str = "127.0.0.1",
-        log_file: Path | None = None,
+        log_file: Path | None = None, cluster_args: list[str] | None = None,
+        name: str | None = None,
     ) -> None:
         self.store_dir = store_dir
         self.host = host
         self.port = port if port is not None else free_port(host)
         self.log_file = log_file or store_dir / "nats-server.log"
+        self.name = name or f"tidings-{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
+        self._cluster_args = cluster_args or []
         self._log_offset = 0
 
     @property
@@ -96,6 +99,11 @@ class EmbeddedNats:
             RuntimeError: The server exited or did not listen within timeout;
                 the message includes the end of its log.
         """
+        self.start_process()
+        self.wait_until_ready(timeout)
+
+    def start_process(self) -> None:
+        """Start the server process without waiting for it."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
         command = [
             str(nats_server_binary()),
@@ -103,12 +111,22 @@ class EmbeddedNats:
             "--store_dir", str(self.store_dir),
             "--addr", self.host,
             "--port", str(self.port),
-            "--server_name", f"tidings-{self.port}",
+            "--server_name", self.name,
             "--log", str(self.log_file),
+            *self._cluster_args,
         ]
         # A restarted server appends to the same log; readiness is read past this offset.
         self._log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, **child_process_options())
+
+    def wait_until_ready(self, timeout: float = 15.0) -> None:
+        """Return once the started server accepts connections.
+
+        Raises:
+            RuntimeError: The server exited or did not listen within timeout;
+                the message includes the end of its log.
+        """
+        assert self.process is not None, "start_process() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -122,9 +140,13 @@ class EmbeddedNats:
         raise RuntimeError(f"nats-server did not listen on {self.url} within {timeout}s")
 
     def _jetstream_ready(self) -> bool:
+        return self.log_contains(b"Server is ready")
+
+    def log_contains(self, text: bytes) -> bool:
+        """Return whether the log of the current run contains text."""
         with contextlib.suppress(OSError), self.log_file.open("rb") as log:
             log.seek(self._log_offset)
-            return b"Server is ready" in log.read()
+            return text in log.read()
         return False
 
     def _log_tail(self) -> str:
@@ -148,3 +170,61 @@ class EmbeddedNats:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+class EmbeddedCluster:
+    """A JetStream cluster of nats-server processes on loopback, routed to each other."""
+
+    def __init__(self, store_dir: Path, size: int = 3, host: str = "127.0.0.1") -> None:
+        if size < 1:
+            raise ValueError(f"cluster size {size} is invalid; use 1 or more servers")
+        route_ports = [free_port(host) for _ in range(size)]
+        routes = ",".join(f"nats://{host}:{port}" for port in route_ports)
+        self.nodes = [
+            EmbeddedNats(
+                store_dir / f"node-{index}",
+                host=host,
+                name=f"tidings-node-{index}",
+                cluster_args=[
+                    "--cluster_name", "tidings",
+                    "--cluster", f"nats://{host}:{route_ports[index]}",
+                    "--routes", routes,
+                ],
+            )
+            for index in range(size)
+        ]
+
+    @property
+    def url(self) -> str:
+        """Client URLs of every node, comma-separated, as NATS_URL takes them."""
+        return ",".join(node.url for node in self.nodes)
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start every node; return once each accepts connections.
+
+        JetStream elects its meta leader shortly after; clients retry until then.
+        """
+        for node in self.nodes:
+            # Started without waiting, so that the nodes find each other's routes.
+            node.start_process()
+        for node in self.nodes:
+            node.wait_until_ready(timeout)
+        self.wait_for_meta_leader(timeout)
+
+    def wait_for_meta_leader(self, timeout: float = 30.0) -> None:
+        """Return once a node logs that JetStream elected its metadata leader.
+
+        Raises:
+            RuntimeError: No leader was elected within timeout.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(node.log_contains(b"metadata leader") for node in self.nodes):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"the JetStream cluster elected no leader within {timeout}s")
+
+    def stop(self) -> None:
+        """Stop every node."""
+        for node in self.nodes:
+            node.stop()

@@ -16,7 +16,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from observability.logging import redact_url
-from services.runtime.cli.embedded_nats import EmbeddedNats, child_process_options, free_port, port_in_use
+from services.runtime.cli.embedded_nats import (
+    EmbeddedCluster,
+    EmbeddedNats,
+    child_process_options,
+    free_port,
+    port_in_use,
+)
 from services.runtime.config import Settings
 from services.runtime.errors import ConfigurationError
 
@@ -40,10 +46,14 @@ class Child:
 class Supervisor:
     """Starts the system, reports when it is ready and stops it on a signal."""
 
-    def __init__(self, settings: Settings, services: tuple[str, ...] = SERVICES) -> None:
+    def __init__(
+        self, settings: Settings, services: tuple[str, ...] = SERVICES, nats_cluster: int = 1
+    ) -> None:
         self.settings = settings
         self.services = services
-        self.nats: EmbeddedNats | None = None
+        self.nats_cluster = nats_cluster
+        self.nats: EmbeddedNats | EmbeddedCluster | None = None
+        self._child_settings: dict[str, str] = {}
         self.children: list[Child] = []
         self.stopping = asyncio.Event()
 
@@ -79,6 +89,9 @@ class Supervisor:
             print(f"using NATS at {redact_url(self.settings.nats_url)}", flush=True)
             return self.settings.nats_url
 
+        if self.nats_cluster > 1:
+            return self._start_cluster()
+
         wanted = self.settings.embedded_nats_port
         port = wanted
         if port_in_use(port):
@@ -92,9 +105,24 @@ class Supervisor:
         nats_url_file(self.settings).write_text(self.nats.url)
         return self.nats.url
 
+    def _start_cluster(self) -> str:
+        cluster = EmbeddedCluster(self.settings.data_dir.resolve() / "nats-cluster", self.nats_cluster)
+        self.nats = cluster
+        cluster.start()
+        pids = ", ".join(str(node.process.pid) for node in cluster.nodes if node.process)
+        print(f"started a {self.nats_cluster}-node nats-server cluster (pids {pids}) at {cluster.url}",
+              flush=True)
+        if "TIDINGS_STREAM_REPLICAS" not in os.environ:
+            replicas = min(3, self.nats_cluster)
+            self._child_settings["TIDINGS_STREAM_REPLICAS"] = str(replicas)
+            print(f"streams get {replicas} replicas (set TIDINGS_STREAM_REPLICAS to change)", flush=True)
+        nats_url_file(self.settings).write_text(cluster.url)
+        return cluster.url
+
     async def _start_service(self, name: str, nats_url: str) -> None:
         environment = {
             **os.environ,
+            **self._child_settings,
             "NATS_URL": nats_url,
             "TIDINGS_DATA_DIR": str(self.settings.data_dir.resolve()),
         }
@@ -169,7 +197,8 @@ class Supervisor:
         if self.nats is not None:
             nats_url_file(self.settings).unlink(missing_ok=True)
             self.nats.stop()
-            print("stopped nats-server", flush=True)
+            print("stopped nats-server" if isinstance(self.nats, EmbeddedNats)
+                  else "stopped the nats-server cluster", flush=True)
         if running or self.nats is not None:
             print("tidings stopped", flush=True)
 

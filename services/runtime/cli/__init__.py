@@ -66,6 +66,15 @@ def _parser() -> argparse.ArgumentParser:
 
     add_dlq_arguments(commands)
 
+    chaos = commands.add_parser(
+        "chaos", help="run fault scenarios under load and report lost or twice-applied events"
+    )
+    chaos.add_argument("--size", type=_positive_int, default=400, help="client calls per scenario")
+    chaos.add_argument("--output", default=None, help="Markdown file to write the results to")
+    chaos.add_argument("--scenario", action="append", default=None,
+                       help="run only this scenario (nats-kill, service-kill, consumer-pause, "
+                       "replica-kill); repeat for several")
+
     bench = commands.add_parser("bench", help="measure the main path against raw grpc and nats")
     bench.add_argument("--calls", type=int, default=2000, help="calls per measured phase")
     bench.add_argument("--concurrency", type=int, default=32, help="calls in flight at once")
@@ -112,6 +121,17 @@ async def _dispatch(options: argparse.Namespace, settings: object) -> int:
         from services.runtime.cli.dlq import run_dlq
 
         return await run_dlq(settings, options)
+    if options.command == "chaos":
+        from pathlib import Path
+
+        from bench.chaos import SCENARIOS, run_chaos
+
+        chosen = options.scenario or list(SCENARIOS)
+        unknown = [name for name in chosen if name not in SCENARIOS]
+        if unknown:
+            print(f"tidings chaos: unknown scenario {unknown[0]!r}; choose from {', '.join(SCENARIOS)}")
+            return 2
+        return await run_chaos(options.size, Path(options.output) if options.output else None, chosen)
     if options.command == "bench":
         from bench.harness import run_benchmark
 

@@ -478,7 +478,8 @@ def main() -> None:
     parser.add_argument("--scenario", action="append", choices=SCENARIOS,
                         help="run only this scenario; repeat for several (default: all)")
     options = parser.parse_args()
-    raise SystemExit(asyncio.run(run_chaos(options.size, options.output, options.scenario or list(SCENARIOS))))
+    scenarios = options.scenario or list(SCENARIOS)
+    raise SystemExit(asyncio.run(run_chaos(options.size, options.output, scenarios)))
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ def settings(tmp_path: Path, nats_server: EmbeddedNats) -> Settings:
     """Settings pointing at the test's nats-server, SQLite files in tmp_path and free ports."""
     return Settings(
         nats_url=nats_server.url,
+        nats_monitor_url=nats_server.monitor_url,
         data_dir=tmp_path / "data",
         users_port=free_port(),
         orders_port=free_port(),

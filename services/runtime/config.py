@@ -73,8 +73,11 @@ class Settings(BaseSettings):
         description="Seconds the relay waits after a wake-up so that more commits join the batch.",
     )
 
+    consumer_handler_timeout: PositiveSeconds = Field(
+        default=30.0, description="Seconds a handler may run before the attempt counts as failed."
+    )
     consumer_batch_size: Annotated[int, Field(ge=1, le=1000)] = 64
-    consumer_ack_wait: PositiveSeconds = 30.0
+    consumer_ack_wait: PositiveSeconds = 60.0
     consumer_max_deliver: Annotated[int, Field(ge=1)] = 5
     consumer_backoff: tuple[PositiveSeconds, ...] = Field(
         default=(0.5, 2.0, 10.0),
@@ -86,6 +89,20 @@ class Settings(BaseSettings):
     )
     call_timeout: PositiveSeconds = Field(
         default=5.0, description="Timeout of a gRPC call between services when the caller has none."
+    )
+
+    required_replicas: Annotated[int, Field(ge=1, le=5)] = Field(
+        default=1, description="Fewest stream replicas the start-up check accepts."
+    )
+    max_relay_downtime: PositiveSeconds = Field(
+        default=60.0,
+        description="Longest assumed time a relay is down between a publish and marking it sent.",
+    )
+    nats_monitor_url: str | None = Field(
+        default=None, description="nats-server monitoring URL; the start-up check reads /varz there."
+    )
+    strict_guarantees: bool = Field(
+        default=False, description="Refuse to start when the start-up check finds a problem."
     )
 
     shutdown_grace: PositiveSeconds = Field(

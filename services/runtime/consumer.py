@@ -232,7 +232,8 @@ class EventConsumer:
         )
         if inserted.rowcount == 0:
             return False
-        await work.handler(tx, work.event, work.payload)
+        async with asyncio.timeout(self._settings.handler_timeout):
+            await work.handler(tx, work.event, work.payload)
         return True
 
     async def _settle(self, work: _Work, outcome: bool | Exception) -> None:

@@ -57,3 +57,4 @@ class ConsumerSettings:
     ack_wait: float
     max_deliver: int
     backoff: tuple[float, ...]
+    handler_timeout: float = 30.0

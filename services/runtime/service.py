@@ -44,6 +44,7 @@ from services.runtime.consumer import (
 from services.runtime.database import Database
 from services.runtime.deadletters import DEADLETTERS
 from services.runtime.errors import ConfigurationError
+from services.runtime.guarantees import check_guarantees
 from services.runtime.idempotency import RequestLog, request_log_table
 from services.runtime.interceptors import ErrorMappingInterceptor
 from services.runtime.outbox import DEFAULT_MAX_PAYLOAD, Outbox, outbox_table
@@ -152,6 +153,11 @@ class Service:
         if self.stopping.is_set():
             return
         await self._ensure_streams()
+        if self.stopping.is_set():
+            return
+        await check_guarantees(
+            self.settings, self.runtime.nats.jetstream(), (*self.spec.streams, DEADLETTERS)
+        )
         self._start_relay()
         await self._start_consumers()
         for index, task in enumerate(self.spec.tasks(self.runtime)):
@@ -278,6 +284,7 @@ class Service:
             ack_wait=self.settings.consumer_ack_wait,
             max_deliver=self.settings.consumer_max_deliver,
             backoff=self.settings.consumer_backoff,
+            handler_timeout=self.settings.consumer_handler_timeout,
         )
         for consumer_spec in self.spec.consumers(self.runtime):
             consumer = EventConsumer(

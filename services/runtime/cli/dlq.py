@@ -60,7 +60,9 @@ async def run_dlq(settings: Settings, options: argparse.Namespace) -> int:
 
     url = discover_nats_url(settings)
     try:
-        client = await nats.connect(url, name="tidings-dlq", connect_timeout=2, allow_reconnect=False)
+        client = await nats.connect(
+            servers=url.split(","), name="tidings-dlq", connect_timeout=2, allow_reconnect=False
+        )
     except (nats.errors.NoServersError, OSError, TimeoutError) as exc:
         print(f"cannot connect to NATS at {redact_url(url)}: {exc}; start the system with "
               "`tidings up` or set NATS_URL to a running server")

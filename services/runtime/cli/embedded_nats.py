@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import shutil
 import signal
 import socket
@@ -76,13 +77,15 @@ class EmbeddedNats:
     def __init__(
         self, store_dir: Path, *, port: int | None = None, host: str = "127.0.0.1",
         log_file: Path | None = None, cluster_args: list[str] | None = None,
-        name: str | None = None,
+        name: str | None = None, sync_always: bool = True,
     ) -> None:
         self.store_dir = store_dir
         self.host = host
         self.port = port if port is not None else free_port(host)
         self.log_file = log_file or store_dir / "nats-server.log"
         self.name = name or f"tidings-{self.port}"
+        self.monitor_port = free_port(host)
+        self.sync_always = sync_always
         self.process: subprocess.Popen[bytes] | None = None
         self._cluster_args = cluster_args or []
         self._log_offset = 0
@@ -91,6 +94,11 @@ class EmbeddedNats:
     def url(self) -> str:
         """Client URL of the server."""
         return f"nats://{self.host}:{self.port}"
+
+    @property
+    def monitor_url(self) -> str:
+        """HTTP monitoring URL of the server (``/varz``, ``/jsz``)."""
+        return f"http://{self.host}:{self.monitor_port}"
 
     def start(self, timeout: float = 15.0) -> None:
         """Start the server and return once it accepts connections.
@@ -105,10 +113,15 @@ class EmbeddedNats:
     def start_process(self) -> None:
         """Start the server process without waiting for it."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        config = self.store_dir / "nats-server.conf"
+        # Every acknowledged write reaches the disk before the ack, so a power
+        # failure loses no acknowledged event (it costs publish throughput).
+        sync = "  sync_interval: always\n" if self.sync_always else ""
+        config.write_text(f"jetstream {{\n  store_dir: {json.dumps(str(self.store_dir))}\n{sync}}}\n")
         command = [
             str(nats_server_binary()),
-            "--jetstream",
-            "--store_dir", str(self.store_dir),
+            "--config", str(config),
+            "--http_port", str(self.monitor_port),
             "--addr", self.host,
             "--port", str(self.port),
             "--server_name", self.name,
@@ -175,7 +188,9 @@ class EmbeddedNats:
 class EmbeddedCluster:
     """A JetStream cluster of nats-server processes on loopback, routed to each other."""
 
-    def __init__(self, store_dir: Path, size: int = 3, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, store_dir: Path, size: int = 3, host: str = "127.0.0.1", sync_always: bool = True
+    ) -> None:
         if size < 1:
             raise ValueError(f"cluster size {size} is invalid; use 1 or more servers")
         route_ports = [free_port(host) for _ in range(size)]
@@ -185,6 +200,7 @@ class EmbeddedCluster:
                 store_dir / f"node-{index}",
                 host=host,
                 name=f"tidings-node-{index}",
+                sync_always=sync_always,
                 cluster_args=[
                     "--cluster_name", "tidings",
                     "--cluster", f"nats://{host}:{route_ports[index]}",

@@ -103,6 +103,7 @@ class Supervisor:
               f"at {self.nats.url}", flush=True)
         # Other `tidings` commands run with the same data directory find the server here.
         nats_url_file(self.settings).write_text(self.nats.url)
+        self._child_settings["TIDINGS_NATS_MONITOR_URL"] = self.nats.monitor_url
         return self.nats.url
 
     def _start_cluster(self) -> str:
@@ -117,6 +118,7 @@ class Supervisor:
             self._child_settings["TIDINGS_STREAM_REPLICAS"] = str(replicas)
             print(f"streams get {replicas} replicas (set TIDINGS_STREAM_REPLICAS to change)", flush=True)
         nats_url_file(self.settings).write_text(cluster.url)
+        self._child_settings["TIDINGS_NATS_MONITOR_URL"] = cluster.nodes[0].monitor_url
         return cluster.url
 
     async def _start_service(self, name: str, nats_url: str) -> None:

@@ -54,8 +54,8 @@ async def tail_events(settings: Settings, subject: str, *, count: int = 0) -> in
     url = discover_nats_url(settings)
     try:
         client = await nats.connect(
-            url, name="tidings-tail", connect_timeout=2, max_reconnect_attempts=CONNECT_ATTEMPTS,
-            allow_reconnect=False, error_cb=_ignore_error,
+            servers=url.split(","), name="tidings-tail", connect_timeout=2,
+            max_reconnect_attempts=CONNECT_ATTEMPTS, allow_reconnect=False, error_cb=_ignore_error,
         )
     except (nats.errors.NoServersError, OSError, TimeoutError) as exc:
         print(f"cannot connect to NATS at {redact_url(url)}: {exc}; start the system with "

@@ -215,7 +215,9 @@ def measurement_notes(load: Load) -> list[str]:
         "interceptors, in its own process. No database, no NATS: the ceiling of a Python grpc.aio "
         "client and server on this machine.",
         f"- **bare JetStream publish + ack**: nats-py in the harness publishes a {NAIVE_BODY_SIZE}-byte "
-        "message to a file-storage stream on a nats-server of its own and awaits each ack. No gRPC.",
+        "message to a file-storage stream on a nats-server of its own and awaits each ack. No gRPC. "
+        "Every nats-server of this page runs with `sync_interval: always`, as `tidings up` runs it, "
+        "so each acknowledged write is on disk; docs/GUARANTEE_COSTS.md measures what that costs.",
         "- **naive pipeline**: a grpc.aio server process whose handler publishes the "
         f"{NAIVE_BODY_SIZE}-byte request body to a file-storage stream and returns after the ack, and a "
         f"second process that reads the stream through a durable pull consumer (fetches of "

@@ -28,7 +28,12 @@ from pathlib import Path
 import grpc
 import nats
 
-from services.runtime.cli.embedded_nats import EmbeddedNats, child_process_options, free_port
+from services.runtime.cli.embedded_nats import (
+    EmbeddedCluster,
+    EmbeddedNats,
+    child_process_options,
+    free_port,
+)
 from services.runtime.cli.supervisor import wait_until_serving
 from tidings.inventory.v1 import inventory_service_pb2, inventory_service_pb2_grpc, product_pb2
 from tidings.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
@@ -36,7 +41,7 @@ from tidings.payments.v1 import payment_service_pb2, payment_service_pb2_grpc
 from tidings.users.v1 import user_pb2, user_service_pb2, user_service_pb2_grpc
 
 SERVICES = ("users", "inventory", "payments", "orders", "notifications")
-SCENARIOS = ("nats-kill", "service-kill", "consumer-pause", "replica-kill")
+SCENARIOS = ("nats-kill", "service-kill", "consumer-pause", "replica-kill", "cluster-node-kill")
 # Which durable consumer applies which subjects; it mirrors the ConsumerSpecs
 # in services/*/main.py and must change with them.
 CONSUMED: dict[str, tuple[str, ...]] = {
@@ -86,9 +91,12 @@ class Report:
 class System:
     """The nats-server and service processes of one scenario."""
 
-    def __init__(self, work_dir: Path) -> None:
+    def __init__(self, work_dir: Path, clustered: bool = False) -> None:
         self.work_dir = work_dir
-        self.nats = EmbeddedNats(work_dir / "nats")
+        self.clustered = clustered
+        self.nats: EmbeddedNats | EmbeddedCluster = (
+            EmbeddedCluster(work_dir / "cluster", 3) if clustered else EmbeddedNats(work_dir / "nats")
+        )
         self.ports = {name: free_port() for name in SERVICES}
         self.ports["notifications-replica"] = free_port()
         self.processes: dict[str, asyncio.subprocess.Process] = {}
@@ -105,6 +113,7 @@ class System:
             "TIDINGS_LOG_LEVEL": "INFO",
             "TIDINGS_CONSUMER_ACK_WAIT": str(ACK_WAIT),
             "TIDINGS_SAGA_TIMEOUT": "60",
+            "TIDINGS_STREAM_REPLICAS": "3" if self.clustered else "1",
             "OTEL_TRACES_EXPORTER": "none",
             **{f"TIDINGS_{other.upper()}_PORT": str(port)
                for other, port in self.ports.items() if other in SERVICES},
@@ -230,7 +239,7 @@ class Load:
 async def run_scenario(scenario: str, size: int, work_dir: Path) -> Report:
     """Run one scenario with size calls of load and return its report."""
     report = Report(scenario)
-    system = System(work_dir)
+    system = System(work_dir, clustered=scenario == "cluster-node-kill")
     system.nats.start()
     rng = random.Random(size)
     channels: dict[str, grpc.aio.Channel] = {}
@@ -282,6 +291,7 @@ async def _drive_with_fault(
 async def _inject(scenario: str, system: System) -> None:
     """Apply one fault and undo it (restart or resume) after a short outage."""
     if scenario == "nats-kill":
+        assert isinstance(system.nats, EmbeddedNats)
         system.nats.kill()
         await asyncio.sleep(1.0)
         await asyncio.to_thread(system.nats.start)
@@ -297,6 +307,12 @@ async def _inject(scenario: str, system: System) -> None:
         process.send_signal(signal.SIGCONT)
     elif scenario == "replica-kill":
         await system.kill("notifications-replica")
+    elif scenario == "cluster-node-kill":
+        assert isinstance(system.nats, EmbeddedCluster)
+        node = system.nats.nodes[0]
+        node.kill()
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(node.start)
     else:
         raise ValueError(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}")
 
@@ -352,7 +368,7 @@ async def _check(system: System, load: Load, channels: dict[str, grpc.aio.Channe
 
 async def _wait_until_consumed(system: System) -> None:
     """Wait until every durable consumer has acknowledged everything in its stream."""
-    client = await nats.connect(system.nats.url)
+    client = await nats.connect(servers=system.nats.url.split(","))
     try:
         js = client.jetstream()
         deadline = time.monotonic() + 60
@@ -437,7 +453,8 @@ def _explanations() -> list[str]:
         "inventory service with SIGKILL and restarts it after 1 s; *consumer-pause* stops the "
         f"payments process with SIGSTOP for {2 * ACK_WAIT:.0f} s, twice its ack_wait, then resumes "
         "it; *replica-kill* runs two notifications replicas on one durable consumer and kills one "
-        "with SIGKILL for good.",
+        "with SIGKILL for good; *cluster-node-kill* runs a three-node cluster with three replicas "
+        "per stream and kills one node with SIGKILL, restarting it after 1 s.",
         "- **events committed** counts outbox rows in every service database, **delivered** those "
         "marked sent after JetStream's ack. **lost** counts the (consumer, event) pairs that "
         "should have been applied, by each consumer's subjects, but are missing from that "

@@ -91,6 +91,7 @@ async def test_poison_event_dead_lettered_after_retries(settings: Settings, nats
 
     assert handler.attempts.count("poison") == 3
     assert sorted(applied) == ["good-1", "good-2"]
+    assert [event for event in handler.attempts if event != "poison"] == ["good-1", "good-2"]
     assert letter.event_id == "poison"
     assert letter.consumer == "probe"
     assert letter.subject == SUBJECT

@@ -179,8 +179,9 @@ class EventConsumer:
 
         handler = self.spec.handlers.get(event.type)
         if handler is None:
-            logger.debug("no handler for event type; skipped", extra={"event_type": event.type})
-            await message.ack()
+            # The consumer's subjects carried a type it does not know, such
+            # as a new event added upstream; keep it for an operator.
+            await self._dead_letter(message, "unknown event type", f"no handler for {event.type}")
             return None
         return _Work(message, event, payload, handler)
 
@@ -279,7 +280,7 @@ class EventConsumer:
         )
         await message.nak(delay=delay)
 
-    async def _dead_letter(self, message: Msg, reason: str, error: BaseException) -> None:
+    async def _dead_letter(self, message: Msg, reason: str, error: BaseException | str) -> None:
         """Move a message to the dead letters, or leave it for redelivery if that fails."""
         try:
             await self._dead_letters.publish(message, reason=reason, error=error)

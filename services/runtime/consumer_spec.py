@@ -34,7 +34,7 @@ class ConsumerSpec:
         stream: Stream to read, such as ``USERS``.
         subjects: Subject filters within the stream.
         handlers: Handler per CloudEvents type (full protobuf name). Events of
-            other types are acknowledged and skipped.
+            other types on the subjects go to the dead letters.
         max_deliver: Deliveries before an event goes to the dead letters;
             TIDINGS_CONSUMER_MAX_DELIVER when None.
         backoff: Seconds to wait before the 2nd, 3rd, ... delivery after a

@@ -241,3 +241,20 @@ def _record_deliveries(service: Service, deliveries: list[tuple[str, int]]) -> N
 
 async def _applied_in_either(first: Service, second: Service, count: int) -> bool:
     return len(await _applied_ids(first)) + len(await _applied_ids(second)) >= count
+
+
+async def test_unknown_event_type_dead_lettered(settings: Settings, nats_client: NATS) -> None:
+    handler = _Handler()
+    async with running_service(_spec(handler), settings):
+        headers = cloudevent_headers(
+            event_id="unknown-type", source="/tests", event_type="tidings.users.v1.UserDeleted",
+            time=datetime.now(UTC), subject="user-1",
+        )
+        body = user_events_pb2.UserDeleted(user_id="user-1").SerializeToString()
+        await nats_client.jetstream().publish(SUBJECT, body, headers=headers)
+
+        await wait_for(lambda: _dead_letter_count(nats_client, 1), timeout=10)
+        letter = (await read_dead_letters(nats_client.jetstream()))[0]
+
+    assert handler.attempts == []
+    assert letter.headers[f"{HEADER_PREFIX}Reason"] == "unknown event type"

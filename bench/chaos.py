@@ -17,6 +17,7 @@ import os
 import random
 import signal
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -112,6 +113,9 @@ class System:
             "TIDINGS_DATA_DIR": str(self.work_dir / "data"),
             "TIDINGS_LOG_LEVEL": "INFO",
             "TIDINGS_CONSUMER_ACK_WAIT": str(ACK_WAIT),
+            # Below the ack wait, as the start-up check requires.
+            "TIDINGS_CONSUMER_HANDLER_TIMEOUT": str(ACK_WAIT / 2),
+            "TIDINGS_NATS_MONITOR_URL": self.monitor_url,
             "TIDINGS_SAGA_TIMEOUT": "60",
             "TIDINGS_STREAM_REPLICAS": "3" if self.clustered else "1",
             "OTEL_TRACES_EXPORTER": "none",
@@ -119,6 +123,13 @@ class System:
                for other, port in self.ports.items() if other in SERVICES},
             f"TIDINGS_{service.upper()}_PORT": str(self.ports[name]),
         }
+
+    @property
+    def monitor_url(self) -> str:
+        """Monitoring URL of the (first) nats-server, where the start-up check reads /varz."""
+        if isinstance(self.nats, EmbeddedCluster):
+            return self.nats.nodes[0].monitor_url
+        return self.nats.monitor_url
 
     def address(self, name: str) -> str:
         """Return the gRPC address of a service process."""
@@ -363,25 +374,49 @@ async def _check(system: System, load: Load, channels: dict[str, grpc.aio.Channe
             report.problems.append(f"wallet of {user_id}: balance {wallet.balance_cents}, topped up "
                                    f"{wallet.topped_up_cents}, charged {charged[user_id]}")
 
-    await _wait_until_consumed(system)
+    report.problems += await _wait_until_consumed(system)
+    report.problems += await _stream_gaps(system)
 
 
-async def _wait_until_consumed(system: System) -> None:
+async def _wait_until_consumed(system: System) -> list[str]:
     """Wait until every durable consumer has acknowledged everything in its stream."""
     client = await nats.connect(servers=system.nats.url.split(","))
     try:
         js = client.jetstream()
         deadline = time.monotonic() + 60
+        waiting: dict[str, int] = {}
         while time.monotonic() < deadline:
-            pending = 0
+            waiting = {}
             for stream in ("USERS", "ORDERS", "INVENTORY", "PAYMENTS"):
                 for consumer in await js.consumers_info(stream):
-                    pending += (consumer.num_pending or 0) + (consumer.num_ack_pending or 0)
-            if pending == 0:
-                return
+                    pending = (consumer.num_pending or 0) + (consumer.num_ack_pending or 0)
+                    if pending:
+                        waiting[consumer.name] = pending
+            if not waiting:
+                return []
             await asyncio.sleep(0.5)
+        return [f"consumers still had unacknowledged events after 60 s: {waiting}"]
     finally:
         await client.close()
+
+
+async def _stream_gaps(system: System) -> list[str]:
+    """Compare the events each stream stores with the outbox rows marked sent for it."""
+    owners = {"USERS": "users", "ORDERS": "orders", "INVENTORY": "inventory", "PAYMENTS": "payments"}
+    client = await nats.connect(servers=system.nats.url.split(","))
+    problems = []
+    try:
+        js = client.jetstream()
+        for stream, service in owners.items():
+            stored = (await js.stream_info(stream)).state.messages
+            with sqlite3.connect(system.work_dir / "data" / f"{service}.sqlite3") as connection:
+                query = "SELECT count(*) FROM outbox WHERE sent_at IS NOT NULL"
+                sent = connection.execute(query).fetchone()[0]
+            if stored != sent:
+                problems.append(f"stream {stream} stores {stored} events, but {sent} were acknowledged")
+    finally:
+        await client.close()
+    return problems
 
 
 def _count_events(system: System, report: Report) -> None:
@@ -410,7 +445,10 @@ def _count_events(system: System, report: Report) -> None:
     }
     report.events_applied = len(applied)
     report.applied_twice = sum(1 for count in applied.values() if count > 1)
-    report.lost = len(expected - set(applied))
+    missing = expected - set(applied)
+    report.lost = len(missing)
+    for consumer, count in sorted(Counter(consumer for consumer, _ in missing).items()):
+        report.problems.append(f"{consumer} did not apply {count} event(s)")
     report.duplicates_dropped = system.log_count('"duplicate event dropped"')
     report.dead_lettered = system.log_count('"event moved to the dead letters"')
 
@@ -421,7 +459,8 @@ def render(reports: list[Report], command: str) -> str:
         "# Tidings reliability results",
         "",
         f"Written by `bench/chaos.py` from one run of `{command}` on "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. No figure is edited by hand.",
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {_commit()}, on a machine with "
+        f"{os.cpu_count()} CPUs. No figure is edited by hand.",
         "",
         "| scenario | client calls | failed | reliability | orders | final states | events committed "
         "| delivered | applied (consumer, event) | lost | applied twice | duplicates dropped "
@@ -442,8 +481,21 @@ def render(reports: list[Report], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _commit() -> str:
+    try:
+        completed = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                   text=True, check=True, cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return completed.stdout.strip()
+
+
 def _explanations() -> list[str]:
     return [
+        f"- **Settings** of every service: `TIDINGS_CONSUMER_ACK_WAIT={ACK_WAIT:g}` so that a paused "
+        f"consumer's events are redelivered quickly, `TIDINGS_CONSUMER_HANDLER_TIMEOUT={ACK_WAIT / 2:g}`, "
+        "`TIDINGS_SAGA_TIMEOUT=60`, tracing off (`OTEL_TRACES_EXPORTER=none`), SQLite, and "
+        "nats-servers with `sync_interval: always`; *cluster-node-kill* uses three replicas per stream.",
         "- **Load**: PlaceOrder (a tenth of them cancelled right after) and UpdateUser calls, 8 in "
         "flight, each with a `request_id`. A call that fails with UNAVAILABLE or DEADLINE_EXCEEDED "
         f"is retried with the same request id, up to {CALL_ATTEMPTS} times with backoff; "

@@ -17,6 +17,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from services.runtime.errors import TidingsError
 from services.runtime.streams import StreamSpec
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,10 @@ HEADER_PREFIX = "Tidings-Dlq-"
 
 # NATS header values are single lines; longer error texts are cut.
 _MAX_ERROR_LENGTH = 500
+
+
+class DeadLetterStreamMissing(TidingsError):
+    """The server has no DEADLETTERS stream: no Tidings consumer ever ran against it."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,13 @@ def _one_line(error: BaseException | str) -> str:
 
 async def read_dead_letters(js: JetStreamContext) -> list[DeadLetter]:
     """Return every dead letter, oldest first."""
+    try:
+        await js.stream_info(DEADLETTERS.name)
+    except NotFoundError as exc:
+        raise DeadLetterStreamMissing(
+            f"no {DEADLETTERS.name} stream on this server; is this the server `tidings up` runs? "
+            "Set NATS_URL to it"
+        ) from exc
     letters: list[DeadLetter] = []
     sequence = 1
     while True:

@@ -233,33 +233,44 @@ class Service:
         js = self.runtime.nats.jetstream()
         for stream in (*self.spec.streams, DEADLETTERS):
             delay = 0.2
-            while True:
-                try:
-                    await ensure_stream(
-                        js,
-                        stream,
-                        replicas=self.settings.stream_replicas,
-                        duplicate_window=self.settings.duplicate_window,
-                    )
+            while not self.stopping.is_set():
+                error = await self._try_ensure_stream(js, stream)
+                if error is None:
                     break
-                except nats.js.errors.BadRequestError as exc:
-                    raise ConfigurationError(
-                        f"JetStream rejected stream {stream.name} with {self.settings.stream_replicas} "
-                        f"replica(s): {exc.description}; set TIDINGS_STREAM_REPLICAS to at most the "
-                        "number of servers in the cluster"
-                    ) from exc
-                except (nats.errors.Error, TimeoutError) as exc:
-                    # A JetStream cluster answers "temporarily unavailable"
-                    # until it has elected a leader.
-                    if self.stopping.is_set():
-                        return
-                    logger.warning(
-                        "cannot create or update the stream yet; retrying",
-                        extra={"stream": stream.name, "error": repr(exc), "retry_in": delay},
-                    )
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.stopping.wait(), timeout=delay)
-                    delay = min(delay * 2, 5.0)
+                logger.warning(
+                    "cannot create or update the stream yet; retrying",
+                    extra={"stream": stream.name, "error": repr(error), "retry_in": delay},
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), timeout=delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _try_ensure_stream(self, js: Any, stream: StreamSpec) -> Exception | None:
+        """Create or update one stream; return a passing error to retry on, None on success.
+
+        Raises:
+            ConfigurationError: JetStream rejected the stream's settings.
+        """
+        try:
+            await ensure_stream(
+                js,
+                stream,
+                replicas=self.settings.stream_replicas,
+                duplicate_window=self.settings.duplicate_window,
+            )
+        except nats.js.errors.ServiceUnavailableError as exc:
+            # A JetStream cluster answers "temporarily unavailable" until it
+            # has elected a leader.
+            return exc
+        except nats.js.errors.APIError as exc:
+            raise ConfigurationError(
+                f"JetStream rejected stream {stream.name} with {self.settings.stream_replicas} "
+                f"replica(s): {exc.description} (error {exc.err_code}); set "
+                "TIDINGS_STREAM_REPLICAS to at most the number of servers in the cluster"
+            ) from exc
+        except (nats.errors.Error, TimeoutError) as exc:
+            return exc
+        return None
 
     def _start_relay(self) -> None:
         if not self.settings.relay_enabled:

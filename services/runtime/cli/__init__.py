@@ -1,4 +1,4 @@
-"""The `tidings` command: up, demo, events tail, dlq, bench."""
+"""The `tidings` command: up, demo, events tail, dlq, chaos, bench."""
 
 from __future__ import annotations
 
@@ -12,14 +12,20 @@ from services.runtime.errors import ConfigurationError
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive number; use 1 or more")
     return value
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is negative; use 0 (no limit) or more")
     return value
@@ -69,11 +75,14 @@ def _parser() -> argparse.ArgumentParser:
     chaos = commands.add_parser(
         "chaos", help="run fault scenarios under load and report lost or twice-applied events"
     )
-    chaos.add_argument("--size", type=_positive_int, default=400, help="client calls per scenario")
-    chaos.add_argument("--output", default=None, help="Markdown file to write the results to")
+    chaos.add_argument("--size", type=_positive_int, default=400,
+                       help="PlaceOrder and UpdateUser calls per scenario; cancellations come on top "
+                       "(default 400)")
+    chaos.add_argument("--output", default=None,
+                       help="Markdown file to write the results to (default: print only)")
     chaos.add_argument("--scenario", action="append", default=None,
                        help="run only this scenario (nats-kill, service-kill, consumer-pause, "
-                       "replica-kill); repeat for several")
+                       "replica-kill, cluster-node-kill); repeat for several")
 
     bench = commands.add_parser("bench", help="measure the main path against raw grpc and nats")
     bench.add_argument("--calls", type=int, default=2000, help="calls per measured phase")

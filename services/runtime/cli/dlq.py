@@ -10,11 +10,12 @@ from google.protobuf.json_format import MessageToDict
 
 from observability.logging import redact_url
 from services.runtime.cli.supervisor import discover_nats_url
-from services.runtime.cli.tail import EVENT_MODULES
+from services.runtime.cli.tail import CONNECT_ATTEMPTS, EVENT_MODULES, ignore_error
 from services.runtime.config import Settings
 from services.runtime.deadletters import (
     HEADER_PREFIX,
     DeadLetter,
+    DeadLetterStreamMissing,
     purge,
     read_dead_letters,
     replay,
@@ -61,7 +62,8 @@ async def run_dlq(settings: Settings, options: argparse.Namespace) -> int:
     url = discover_nats_url(settings)
     try:
         client = await nats.connect(
-            servers=url.split(","), name="tidings-dlq", connect_timeout=2, allow_reconnect=False
+            servers=url.split(","), name="tidings-dlq", connect_timeout=2,
+            max_reconnect_attempts=CONNECT_ATTEMPTS, allow_reconnect=False, error_cb=ignore_error,
         )
     except (nats.errors.NoServersError, OSError, TimeoutError) as exc:
         print(f"cannot connect to NATS at {redact_url(url)}: {exc}; start the system with "
@@ -69,11 +71,18 @@ async def run_dlq(settings: Settings, options: argparse.Namespace) -> int:
         return 1
     try:
         js = client.jetstream()
+        try:
+            stored = await read_dead_letters(js)
+        except DeadLetterStreamMissing as exc:
+            print(f"tidings dlq: {exc} (used {redact_url(url)})")
+            return 1
         letters = select_dead_letters(
-            await read_dead_letters(js),
+            stored,
             sequences=options.sequences, event_ids=options.event_ids,
             consumer=options.consumer, subject=options.subject,
         )
+        if not letters and options.dlq_command != "list":
+            print("no dead letter matches; `tidings dlq list` shows them all")
         if options.dlq_command == "list":
             for letter in letters:
                 print(_summary(letter))

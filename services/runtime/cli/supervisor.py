@@ -159,6 +159,8 @@ class Supervisor:
         finally:
             for task in [*checks, *exits, stop]:
                 task.cancel()
+            # Retrieve the gathered result so that asyncio does not report it.
+            ready.add_done_callback(lambda future: future.cancelled() or future.exception())
 
     def _print_ready(self, nats_url: str) -> None:
         lines = [f"  {child.name:<14} grpc {child.address}" for child in self.children]

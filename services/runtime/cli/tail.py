@@ -43,7 +43,7 @@ def describe(message: Msg) -> str:
     return json.dumps(entry)
 
 
-async def _ignore_error(error: Exception) -> None:
+async def ignore_error(error: Exception) -> None:
     # A failed connect is reported once by tail_events; nats-py would log a
     # traceback per attempt.
     return None
@@ -55,7 +55,7 @@ async def tail_events(settings: Settings, subject: str, *, count: int = 0) -> in
     try:
         client = await nats.connect(
             servers=url.split(","), name="tidings-tail", connect_timeout=2,
-            max_reconnect_attempts=CONNECT_ATTEMPTS, allow_reconnect=False, error_cb=_ignore_error,
+            max_reconnect_attempts=CONNECT_ATTEMPTS, allow_reconnect=False, error_cb=ignore_error,
         )
     except (nats.errors.NoServersError, OSError, TimeoutError) as exc:
         print(f"cannot connect to NATS at {redact_url(url)}: {exc}; start the system with "

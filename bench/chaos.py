@@ -518,9 +518,8 @@ def _explanations() -> list[str]:
         "- **fault to recovery** is the time from the start of the fault until the system is "
         "back (the process restarted and SERVING, the server accepting connections, or the "
         "process resumed).",
-        "- *cluster-node-kill* passed in this run, but some runs at 90 calls ended with 15 events "
-        "missing from one consumer's processed-events table; docs/delivery.md describes this open "
-        "problem.",
+        "- *cluster-node-kill*: some runs at 90 calls ended with 15 events missing from one "
+        "consumer's processed-events table; docs/delivery.md describes this open problem.",
         "- Final states, stock and money are checked as in the saga invariant test: every order "
         "final, reserved stock back to 0, stock = start - confirmed units, and per user top-ups = "
         "balance + charges of confirmed orders.",

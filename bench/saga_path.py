@@ -144,7 +144,9 @@ async def measure_place_order(
     ports = free_ports(len(SERVICES))
     addresses = {service: f"127.0.0.1:{port}" for service, port in zip(SERVICES, ports, strict=True)}
     data_dir = work_dir / f"data-saga-{tag}"
-    environment = service_environment(nats_server.url, data_dir, addresses, otlp_port)
+    environment = service_environment(
+        nats_server.url, data_dir, addresses, otlp_port, nats_server.server.monitor_url
+    )
     children: dict[str, Child] = {}
     for service in SERVICES:
         children[service] = await processes.start_python(

@@ -44,7 +44,11 @@ class ServiceAddresses:
 
 
 def service_environment(
-    nats_url: str, data_dir: Path, addresses: Mapping[str, str], otlp_port: int | None
+    nats_url: str,
+    data_dir: Path,
+    addresses: Mapping[str, str],
+    otlp_port: int | None,
+    monitor_url: str | None = None,
 ) -> dict[str, str]:
     """Return the environment of the service processes of one run.
 
@@ -58,6 +62,9 @@ def service_environment(
         "TIDINGS_DATA_DIR": str(data_dir),
         "TIDINGS_LOG_LEVEL": "WARNING",
     }
+    if monitor_url is not None:
+        # Lets the start-up check confirm the server syncs every write.
+        variables["TIDINGS_NATS_MONITOR_URL"] = monitor_url
     for service, address in addresses.items():
         variables[f"TIDINGS_{service.upper()}_PORT"] = address.rsplit(":", 1)[1]
     if otlp_port is None:
@@ -118,6 +125,7 @@ async def measure_tidings(
     environment = service_environment(
         nats_server.url, data_dir,
         {"users": addresses.users, "notifications": addresses.notifications}, otlp_port,
+        nats_server.server.monitor_url,
     )
     users = await processes.start_python(f"users ({label})", ["-m", users_module], environment)
     notifications = await processes.start_python(

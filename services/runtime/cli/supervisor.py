@@ -87,7 +87,13 @@ class Supervisor:
     def _start_nats(self) -> str:
         if "NATS_URL" in os.environ:
             print(f"using NATS at {redact_url(self.settings.nats_url)}", flush=True)
+            if self.nats_cluster > 1:
+                print("--nats-cluster is ignored because NATS_URL is set", flush=True)
             return self.settings.nats_url
+
+        # A file left by a `tidings up` that was killed would point other
+        # commands at a server that no longer runs.
+        nats_url_file(self.settings).unlink(missing_ok=True)
 
         if self.nats_cluster > 1:
             return self._start_cluster()

@@ -43,8 +43,8 @@ from tidings.users.v1 import user_pb2, user_service_pb2, user_service_pb2_grpc
 
 SERVICES = ("users", "inventory", "payments", "orders", "notifications")
 SCENARIOS = ("nats-kill", "service-kill", "consumer-pause", "replica-kill", "cluster-node-kill")
-# Which durable consumer applies which subjects; it mirrors the ConsumerSpecs
-# in services/*/main.py and must change with them.
+# Subjects each durable consumer applies. This mirrors the ConsumerSpecs in
+# services/*/main.py and must change with them.
 CONSUMED: dict[str, tuple[str, ...]] = {
     "notifications-users": ("tidings.users.user.created", "tidings.users.user.updated",
                             "tidings.users.user.deleted"),
@@ -65,7 +65,7 @@ CALL_ATTEMPTS = 20
 
 @dataclass
 class Report:
-    """What one scenario did and what the checks found."""
+    """Counts and check results of one scenario."""
 
     scenario: str
     calls: int = 0

@@ -35,7 +35,7 @@ TERMINAL_STATES = (CONFIRMED, REJECTED, CANCELLED)
 
 
 class Trigger(StrEnum):
-    """What moves an order: a reply from another service, the clock or a client."""
+    """Cause of an order's move: a reply from another service, the clock or a client."""
 
     STOCK_RESERVED = "stock reserved"
     STOCK_REJECTED = "stock rejected"

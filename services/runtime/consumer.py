@@ -92,8 +92,8 @@ class EventConsumer:
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=self._settings.ack_wait,
             # The consumer counts deliveries itself and dead-letters on the
-            # last one; a server-side limit would drop a message whose
-            # dead-letter publish failed instead of delivering it again.
+            # last one. A server-side limit would drop a message whose
+            # dead-letter publish failed, instead of delivering it again.
             max_deliver=-1,
             filter_subjects=list(self.spec.subjects),
             max_ack_pending=max(1000, self._settings.batch_size * 4),

@@ -2,8 +2,8 @@
 
 A dead letter is the original message (body and headers) published on
 ``tidings.deadletter.<consumer>`` in the DEADLETTERS stream, plus
-``Tidings-Dlq-*`` headers that say which consumer gave up, after how many
-deliveries, and why. `tidings dlq` lists, shows, replays and purges them.
+``Tidings-Dlq-*`` headers naming the consumer that gave up, the delivery
+count and the reason. `tidings dlq` lists, shows, replays and purges them.
 """
 
 from __future__ import annotations

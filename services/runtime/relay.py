@@ -193,7 +193,7 @@ class OutboxRelay:
     async def _publish_or_refuse(self, row: Any, headers: dict[str, str]) -> asyncio.Future[Any]:
         """Publish a row, or fail its future when NATS would refuse its size.
 
-        The server answers an oversized message by closing the connection,
+        The server rejects an oversized message by closing the connection,
         which would stop every other publish too. The outbox refuses such
         events before they commit; this guards rows written before the
         server's max_payload was lowered.

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
-from sqlalchemy.exc import IntegrityError
 
 from services.inventory import store
 from services.runtime.errors import NotFound
+from services.runtime.idempotency import retry_once_on_conflict
 from services.runtime.pagination import decode_page_token, encode_page_token
 from services.runtime.service import Runtime
 from services.runtime.validation import (
@@ -22,6 +21,7 @@ from services.runtime.validation import (
     check_range,
     check_request_id,
     check_text,
+    check_update_mask,
 )
 from tidings.inventory.v1 import inventory_service_pb2, inventory_service_pb2_grpc
 
@@ -72,7 +72,7 @@ class InventoryServicer(inventory_service_pb2_grpc.InventoryServiceServicer):
                         extra={"product_id": row.id, "stock": row.stock, "price_cents": row.price_cents})
             return response
 
-        return await _with_race_retry(create)
+        return await retry_once_on_conflict(create)
 
     async def GetProduct(
         self, request: inventory_service_pb2.GetProductRequest, context: grpc.aio.ServicerContext
@@ -110,7 +110,7 @@ class InventoryServicer(inventory_service_pb2_grpc.InventoryServiceServicer):
     ) -> inventory_service_pb2.UpdateProductResponse:
         violations = Violations()
         product_id = check_id(violations, "product.id", request.product.id)
-        requested = _check_update_mask(violations, request)
+        requested = check_update_mask(violations, list(request.update_mask.paths), UPDATABLE_FIELDS)
         check_request_id(violations, "request_id", request.request_id)
         values: dict[str, Any] = {}
         if "name" in requested:
@@ -142,7 +142,7 @@ class InventoryServicer(inventory_service_pb2_grpc.InventoryServiceServicer):
             logger.info("product updated", extra={"product_id": product_id, "changed": sorted(changes)})
             return response
 
-        return await _with_race_retry(apply)
+        return await retry_once_on_conflict(apply)
 
     async def GetReservation(
         self,
@@ -166,31 +166,3 @@ class InventoryServicer(inventory_service_pb2_grpc.InventoryServiceServicer):
         return inventory_service_pb2.GetReservationResponse(
             reservation=store.reservation_to_message(row, lines)
         )
-
-
-async def _with_race_retry(attempt: Callable[[], Awaitable[ResponseT]]) -> ResponseT:
-    """Run a mutation, and run it once more if it lost a unique-key race.
-
-    On PostgreSQL two concurrent calls with one request id can both miss the
-    request log. The loser's INSERT into it then fails, and its second
-    attempt replays the winner's response.
-    """
-    try:
-        return await attempt()
-    except IntegrityError:
-        return await attempt()
-
-
-_FIELD_LIST = ", ".join(UPDATABLE_FIELDS)
-
-
-def _check_update_mask(
-    violations: Violations, request: inventory_service_pb2.UpdateProductRequest
-) -> set[str]:
-    paths = list(request.update_mask.paths)
-    if not paths:
-        violations.add("update_mask", f"is required; list the fields to change: {_FIELD_LIST}")
-    for path in paths:
-        if path not in UPDATABLE_FIELDS:
-            violations.add("update_mask", f"path {path!r} cannot be updated; use {_FIELD_LIST}")
-    return {path for path in paths if path in UPDATABLE_FIELDS}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 
 import grpc
-from sqlalchemy.exc import IntegrityError
 
 from services.payments import store
+from services.runtime.idempotency import retry_once_on_conflict
 from services.runtime.service import Runtime
 from services.runtime.validation import Violations, check_id, check_request_id
 from tidings.payments.v1 import payment_service_pb2, payment_service_pb2_grpc
@@ -34,13 +34,7 @@ class PaymentServicer(payment_service_pb2_grpc.PaymentServiceServicer):
         check_request_id(violations, "request_id", request.request_id)
         violations.raise_if_any()
 
-        try:
-            return await self._top_up(request, user_id)
-        except IntegrityError:
-            # On PostgreSQL two concurrent retries with one request_id can both
-            # miss the request log. The loser's insert then fails, and its second
-            # attempt replays the winner's response.
-            return await self._top_up(request, user_id)
+        return await retry_once_on_conflict(lambda: self._top_up(request, user_id))
 
     async def _top_up(
         self, request: payment_service_pb2.TopUpRequest, user_id: str

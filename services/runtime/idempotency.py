@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TypeVar
 
 from google.protobuf.message import Message
 from sqlalchemy import Column, DateTime, LargeBinary, MetaData, String, Table, bindparam, select
+from sqlalchemy.exc import IntegrityError
 
 from services.runtime.database import Transaction
 from services.runtime.errors import FailedPrecondition
@@ -84,3 +86,26 @@ class RequestLog:
                 "created_at": datetime.now(UTC),
             },
         )
+
+
+async def retry_once_on_conflict(
+    attempt: Callable[[], Awaitable[ResponseT]],
+    translate: Callable[[IntegrityError], Exception] | None = None,
+) -> ResponseT:
+    """Run a mutation, and run it once more if it lost a unique-key race.
+
+    On PostgreSQL two concurrent calls can both pass a uniqueness check (an
+    email, a request id) before either commits, so the loser's INSERT fails.
+    Its second attempt finds the winner's row and replays the stored response
+    or raises the service's own error. A conflict on the second attempt is
+    passed to translate, when given, and raised from it.
+    """
+    try:
+        return await attempt()
+    except IntegrityError as first:
+        if translate is None:
+            return await attempt()
+        try:
+            return await attempt()
+        except IntegrityError:
+            raise translate(first) from first

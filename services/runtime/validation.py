@@ -104,3 +104,14 @@ def check_range(violations: Violations, field: str, value: int, minimum: int, ma
     """Check that an integer field is within minimum..maximum, both included."""
     if not minimum <= value <= maximum:
         violations.add(field, f"is {value}; send a value from {minimum} to {maximum}")
+
+
+def check_update_mask(violations: Violations, paths: list[str], allowed: tuple[str, ...]) -> set[str]:
+    """Check an update mask and return the allowed paths it names."""
+    field_list = ", ".join(allowed)
+    if not paths:
+        violations.add("update_mask", f"is required; list the fields to change: {field_list}")
+    for path in paths:
+        if path not in allowed:
+            violations.add("update_mask", f"path {path!r} cannot be updated; use {field_list}")
+    return {path for path in paths if path in allowed}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TypeVar
 
 import grpc
@@ -13,6 +13,7 @@ from google.protobuf.message import Message
 from sqlalchemy.exc import IntegrityError
 
 from services.runtime.events import Event
+from services.runtime.idempotency import retry_once_on_conflict
 from services.runtime.pagination import decode_page_token, encode_page_token
 from services.runtime.service import Runtime
 from services.runtime.validation import (
@@ -22,6 +23,7 @@ from services.runtime.validation import (
     check_page_size,
     check_request_id,
     check_text,
+    check_update_mask,
 )
 from services.users import store
 from tidings.users.v1 import user_events_pb2, user_service_pb2, user_service_pb2_grpc
@@ -74,7 +76,7 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
             logger.info("user created", extra={"user_id": user.id})
             return response
 
-        return await self._with_race_retry(create, email)
+        return await retry_once_on_conflict(create, _email_taken(email))
 
     async def GetUser(
         self, request: user_service_pb2.GetUserRequest, context: grpc.aio.ServicerContext
@@ -110,7 +112,7 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
     ) -> user_service_pb2.UpdateUserResponse:
         violations = Violations()
         user_id = check_id(violations, "user.id", request.user.id)
-        requested = _check_update_mask(violations, request)
+        requested = check_update_mask(violations, list(request.update_mask.paths), UPDATABLE_FIELDS)
         check_request_id(violations, "request_id", request.request_id)
         values: dict[str, str] = {}
         if "email" in requested:
@@ -143,7 +145,7 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
             logger.info("user updated", extra={"user_id": user_id, "changed": sorted(changes)})
             return response
 
-        return await self._with_race_retry(apply, values.get("email", ""))
+        return await retry_once_on_conflict(apply, _email_taken(values.get("email", "")))
 
     async def DeleteUser(
         self, request: user_service_pb2.DeleteUserRequest, context: grpc.aio.ServicerContext
@@ -169,36 +171,9 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
             logger.info("user deleted", extra={"user_id": user_id})
             return response
 
-        return await self._with_race_retry(remove, "")
-
-    async def _with_race_retry(
-        self, attempt: Callable[[], Awaitable[ResponseT]], email: str
-    ) -> ResponseT:
-        """Run a mutation; after a unique-key race, run it once more to get the clean error.
-
-        On PostgreSQL two concurrent calls can both pass the email or request
-        id check; the loser's INSERT fails. Its second attempt then sees the
-        winner's row and replays it or raises ALREADY_EXISTS.
-        """
-        try:
-            return await attempt()
-        except IntegrityError as exc:
-            try:
-                return await attempt()
-            except IntegrityError:
-                raise store.translate_integrity_error(exc, email) from exc
+        return await retry_once_on_conflict(remove)
 
 
-_FIELD_LIST = ", ".join(UPDATABLE_FIELDS)
-
-
-def _check_update_mask(
-    violations: Violations, request: user_service_pb2.UpdateUserRequest
-) -> set[str]:
-    paths = list(request.update_mask.paths)
-    if not paths:
-        violations.add("update_mask", f"is required; list the fields to change: {_FIELD_LIST}")
-    unknown = [path for path in paths if path not in UPDATABLE_FIELDS]
-    for path in unknown:
-        violations.add("update_mask", f"path {path!r} cannot be updated; use {_FIELD_LIST}")
-    return {path for path in paths if path in UPDATABLE_FIELDS}
+def _email_taken(email: str) -> Callable[[IntegrityError], Exception]:
+    """Map a second unique-key conflict of a create or update to ALREADY_EXISTS for email."""
+    return lambda exc: store.translate_integrity_error(exc, email)

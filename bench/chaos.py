@@ -1,10 +1,10 @@
 """Chaos scenarios: steady load on the real services while a fault hits, then every promise is checked.
 
 Each scenario starts a nats-server and the five services as processes on
-loopback, places orders and changes users at a steady pace, injects one
-fault a third of the way in, and afterwards checks that every order reached a
-final state, that stock and money add up, and that no event was lost or
-applied twice. ``python -m bench.chaos --size N --output PAGE`` runs them all
+loopback, then places orders and changes users at a steady pace. A third of
+the way in it injects one fault. Afterwards it checks that every order
+reached a final state, that stock and money add up, and that no event was
+lost or applied twice. ``python -m bench.chaos --size N --output PAGE`` runs them all
 and writes a results page.
 """
 
@@ -500,12 +500,12 @@ def _explanations() -> list[str]:
         "flight, each with a `request_id`. A call that fails with UNAVAILABLE or DEADLINE_EXCEEDED "
         f"is retried with the same request id, up to {CALL_ATTEMPTS} times with backoff; "
         "*failed* counts calls that never succeeded, and reliability is 1 - failed/total.",
-        "- **Faults**, injected after a third of the calls: *nats-kill* kills the nats-server with "
-        "SIGKILL and restarts it on the same port and store after 1 s; *service-kill* kills the "
-        "inventory service with SIGKILL and restarts it after 1 s; *consumer-pause* stops the "
+        "- **Faults** are injected after a third of the calls. *nats-kill* kills the nats-server "
+        "with SIGKILL and restarts it on the same port and store after 1 s. *service-kill* kills "
+        "the inventory service with SIGKILL and restarts it after 1 s. *consumer-pause* stops the "
         f"payments process with SIGSTOP for {2 * ACK_WAIT:.0f} s, twice its ack_wait, then resumes "
-        "it; *replica-kill* runs two notifications replicas on one durable consumer and kills one "
-        "with SIGKILL for good; *cluster-node-kill* runs a three-node cluster with three replicas "
+        "it. *replica-kill* runs two notifications replicas on one durable consumer and kills one "
+        "with SIGKILL for good. *cluster-node-kill* runs a three-node cluster with three replicas "
         "per stream and kills one node with SIGKILL, restarting it after 1 s.",
         "- **events committed** counts outbox rows in every service database, **delivered** those "
         "marked sent after JetStream's ack. **lost** counts the (consumer, event) pairs that "

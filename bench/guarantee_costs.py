@@ -1,9 +1,9 @@
 """What the JetStream settings behind the delivery guarantees cost in publish throughput.
 
 ``python -m bench.guarantee_costs --output docs/GUARANTEE_COSTS.md`` publishes
-the same messages, with an awaited ack each and a fixed number in flight, to
-a stream on a single server with its default disk sync, on a single server
-that syncs every write (`sync_interval: always`), and on a three-node cluster
+the same messages, each ack awaited and a fixed number in flight, to three
+setups. They are a single server with its default disk sync, a single server
+that syncs every write (`sync_interval: always`), and a three-node cluster
 with three replicas that syncs every write.
 """
 

@@ -1,7 +1,7 @@
 """Tracer provider setup: OTLP export configured by the standard OTEL_* variables.
 
 With no collector listening, spans are dropped and one warning is logged per
-outage; calls and events are not slowed, because export runs in the batch
+outage. Calls and events are not slowed, because export runs in the batch
 processor's background thread.
 """
 

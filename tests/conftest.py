@@ -78,7 +78,7 @@ async def postgres_url() -> AsyncIterator[str]:
     The URL contains ``{service}``, which Settings.database_url_for replaces
     with the service name. The databases are dropped afterwards. Uses the
     server at TIDINGS_TEST_POSTGRES_URL (default: the local one with trust
-    authentication); the test is skipped, saying why, when none answers.
+    authentication); the test is skipped, saying why, when none accepts a connection.
     """
     prefix = f"tidings_test_{uuid.uuid4().hex[:10]}"
     try:

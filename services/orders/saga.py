@@ -1,9 +1,9 @@
 """The order saga's states and transitions, all in one table.
 
 Orders orchestrates the saga: it reacts to replies from inventory and payments
-and emits the next request, so every rule about which step follows which, and
-what a rejection or cancellation must undo, lives here instead of being spread
-across the services' handlers.
+and emits the next request. So the rules on which step follows which, and on
+what a rejection or cancellation must undo, are kept here instead of in the
+handlers of several services.
 
     PENDING ──StockReserved──▶ AWAITING_PAYMENT ──PaymentCaptured──▶ CONFIRMED
        │ StockRejected              │ PaymentDeclined                  │ Cancel

@@ -101,7 +101,7 @@ class OrderServicer(order_service_pb2_grpc.OrderServiceServicer):
                 extra={"user_id": user_id, "code": exc.code().name, "address": self._users_address},
             )
             raise Unavailable(
-                f"cannot check user {user_id}: the users service answered {exc.code().name}; "
+                f"cannot check user {user_id}: the users service returned {exc.code().name}; "
                 "retry with backoff",
                 reason="USERS_UNAVAILABLE",
                 metadata={"user_id": user_id, "upstream_code": exc.code().name},

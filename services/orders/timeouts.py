@@ -1,4 +1,4 @@
-"""Rejects orders whose saga step did not answer in time."""
+"""Rejects orders whose saga step got no reply in time."""
 
 from __future__ import annotations
 

@@ -92,7 +92,7 @@ class Settings(BaseSettings):
     )
 
     required_replicas: Annotated[int, Field(ge=1, le=5)] = Field(
-        default=1, description="Fewest stream replicas the start-up check accepts."
+        default=1, description="Minimum stream replicas the start-up check accepts."
     )
     max_relay_downtime: PositiveSeconds = Field(
         default=60.0,

@@ -142,12 +142,12 @@ def select_dead_letters(
     subject: str | None = None,
 ) -> list[DeadLetter]:
     """Return the letters that match every given filter; no filter matches all."""
-    wanted_sequences = set(sequences)
-    wanted_ids = set(event_ids)
+    chosen_sequences = set(sequences)
+    chosen_ids = set(event_ids)
     return [
         letter for letter in letters
-        if (not wanted_sequences or letter.sequence in wanted_sequences)
-        and (not wanted_ids or letter.event_id in wanted_ids)
+        if (not chosen_sequences or letter.sequence in chosen_sequences)
+        and (not chosen_ids or letter.event_id in chosen_ids)
         and (consumer is None or letter.consumer == consumer)
         and (subject is None or letter.subject == subject)
     ]

@@ -1,6 +1,6 @@
 """Opaque page tokens for keyset pagination (AIP-158).
 
-A token holds the sort key of the last item returned and a hash of the
+A token contains the sort key of the last item returned and a hash of the
 request's filter fields, so a token sent with other filters is rejected
 instead of silently returning the wrong page.
 """

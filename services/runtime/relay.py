@@ -190,7 +190,7 @@ class OutboxRelay:
             raise failure
         return len(acked)
 
-    async def _publish_or_refuse(self, row: Any, headers: dict[str, str]) -> asyncio.Future[Any]:
+    async def _publish_checked(self, row: Any, headers: dict[str, str]) -> asyncio.Future[Any]:
         """Publish a row, or fail its future when NATS would refuse its size.
 
         The server rejects an oversized message by closing the connection,
@@ -200,13 +200,13 @@ class OutboxRelay:
         """
         size = len(row.payload) + encoded_header_size(headers)
         if size > self._nats.max_payload:
-            refused: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            refused.set_exception(EventTooLarge(
+            too_large: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            too_large.set_exception(EventTooLarge(
                 f"event {row.event_id} on {row.subject} is {size} bytes with headers, above the "
                 f"server's max_payload of {self._nats.max_payload}; it stays in the outbox"
             ))
             logger.error("event too large to publish", extra={"event_id": row.event_id, "size": size})
-            return refused
+            return too_large
         return await self._js.publish_async(row.subject, row.payload, headers=headers)
 
     async def _publish_batch(self, rows: list[Any]) -> tuple[list[int], BaseException | None]:
@@ -230,7 +230,7 @@ class OutboxRelay:
                     subject=row.aggregate_id,
                 )
                 inject_context(headers, trace.set_span_in_context(span))
-                futures.append(await self._publish_or_refuse(row, headers))
+                futures.append(await self._publish_checked(row, headers))
 
             done, _ = await asyncio.wait(futures, timeout=self._publish_timeout)
         except BaseException as exc:

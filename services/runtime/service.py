@@ -1,8 +1,8 @@
 """Service bootstrap: gRPC server, health, reflection, database, NATS, relay and consumers.
 
-Start order: the gRPC server comes up first and reports NOT_SERVING, then the
-database schema, the NATS connection, the streams, the relay and the
-consumers; health turns SERVING only when all of them are ready.
+Start order: the gRPC server comes up first and reports NOT_SERVING. Then
+come the database schema, the NATS connection, the streams, the relay and the
+consumers, and health turns SERVING only when all of them are ready.
 
 Shutdown order on SIGTERM or SIGINT: health NOT_SERVING, stop accepting calls
 and let in-flight calls finish within ``shutdown_grace``, stop the consumers
@@ -259,7 +259,7 @@ class Service:
                 duplicate_window=self.settings.duplicate_window,
             )
         except nats.js.errors.ServiceUnavailableError as exc:
-            # A JetStream cluster answers "temporarily unavailable" until it
+            # A JetStream cluster returns "temporarily unavailable" until it
             # has elected a leader.
             return exc
         except nats.js.errors.APIError as exc:

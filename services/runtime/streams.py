@@ -32,7 +32,7 @@ async def ensure_stream(
     js: JetStreamContext, spec: StreamSpec, *, replicas: int, duplicate_window: float
 ) -> None:
     """Create the stream, or update it when its subjects or settings differ."""
-    wanted = StreamConfig(
+    desired = StreamConfig(
         name=spec.name,
         subjects=list(spec.subjects),
         storage=StorageType.FILE,
@@ -42,7 +42,7 @@ async def ensure_stream(
     try:
         current = (await js.stream_info(spec.name)).config
     except NotFoundError:
-        await js.add_stream(wanted)
+        await js.add_stream(desired)
         logger.info("stream created", extra={"stream": spec.name, "replicas": replicas})
         return
 

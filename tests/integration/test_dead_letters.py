@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from datetime import UTC, datetime
 
+import pytest
 from nats.aio.client import Client as NATS
 from sqlalchemy import Column, MetaData, String, Table, func, select
 
@@ -185,13 +186,13 @@ async def test_dlq_command_lists_and_purges(
 
     listed = await run_dlq(settings, _parser().parse_args(["dlq", "list", "--consumer", "probe"]))
     listing = capsys.readouterr().out
-    refused = await run_dlq(settings, _parser().parse_args(["dlq", "purge"]))
+    rejected = await run_dlq(settings, _parser().parse_args(["dlq", "purge"]))
     purged = await run_dlq(settings, _parser().parse_args(["dlq", "purge", "--id", "first"]))
     remaining = await read_dead_letters(nats_client.jetstream())
 
     assert listed == 0
     assert "2 dead letter(s)" in listing
-    assert refused == 2
+    assert rejected == 2
     assert purged == 0
     assert [letter.event_id for letter in remaining] == ["second"]
 
@@ -258,3 +259,10 @@ async def test_unknown_event_type_dead_lettered(settings: Settings, nats_client:
 
     assert handler.attempts == []
     assert letter.headers[f"{HEADER_PREFIX}Reason"] == "unknown event type"
+
+
+async def test_missing_dead_letter_stream_reported(nats_client: NATS) -> None:
+    from services.runtime.deadletters import DeadLetterStreamMissing
+
+    with pytest.raises(DeadLetterStreamMissing):
+        await read_dead_letters(nats_client.jetstream())

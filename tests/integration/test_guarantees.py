@@ -88,3 +88,14 @@ async def test_lazy_sync_server_reported(
         pass
 
     assert any("sync_interval: always" in problem for problem in _problems(caplog))
+
+
+async def test_too_many_replicas_stops_start(settings: Settings) -> None:
+    single_server = settings.model_copy(update={"stream_replicas": 3})
+    service = Service(USERS, single_server)
+
+    with pytest.raises(ConfigurationError) as raised:
+        await service.start()
+    await service.stop()
+
+    assert "TIDINGS_STREAM_REPLICAS" in str(raised.value)

@@ -563,7 +563,7 @@ async def test_stale_check_undoes_partial_reservation(
         key=lambda product: product.id,
     )
     # Lines are reserved in product id order. The second product has one
-    # unit, but the availability check sees 100, as if another consumer took
+    # unit, but the availability check reads 100, as if another consumer took
     # the units right after the check. So the first line gets reserved and
     # must be undone when the second line fails.
     await inventory.UpdateProduct(update_request(product_pb2.Product(id=second.id, stock=1), ["stock"]))

@@ -1,7 +1,7 @@
 """The services on PostgreSQL: the same code as on SQLite, chosen by TIDINGS_DATABASE_URL.
 
 Each test gets one new PostgreSQL database per service (the `postgres_url`
-fixture) and is skipped with the reason when no PostgreSQL server answers.
+fixture) and is skipped with the reason when no PostgreSQL server accepts a connection.
 """
 
 from __future__ import annotations

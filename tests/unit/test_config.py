@@ -220,3 +220,12 @@ def test_consumer_backoff_zero_rejected(monkeypatch: pytest.MonkeyPatch) -> None
     message = _configuration_error()
 
     assert "invalid TIDINGS_CONSUMER_BACKOFF=" in message
+
+
+def test_backoff_not_json_names_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TIDINGS_CONSUMER_BACKOFF", "2,3")
+
+    with pytest.raises(ConfigurationError) as raised:
+        load_settings()
+
+    assert "TIDINGS_CONSUMER_BACKOFF='2,3'" in str(raised.value)

@@ -98,11 +98,11 @@ class Supervisor:
         if self.nats_cluster > 1:
             return self._start_cluster()
 
-        wanted = self.settings.embedded_nats_port
-        port = wanted
+        preferred = self.settings.embedded_nats_port
+        port = preferred
         if port_in_use(port):
             port = free_port()
-            print(f"port {wanted} is taken; embedded nats-server uses port {port}", flush=True)
+            print(f"port {preferred} is taken; embedded nats-server uses port {port}", flush=True)
         self.nats = EmbeddedNats(self.settings.data_dir.resolve() / "nats", port=port)
         self.nats.start()
         print(f"started nats-server (pid {self.nats.process.pid if self.nats.process else '?'}) "

@@ -29,8 +29,8 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/buf lint
 	$(BIN)/python scripts/generate_protos.py --check
+	$(BIN)/buf lint
 
 protos: install
 	$(BIN)/python scripts/generate_protos.py

@@ -13,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import google.api
 import grpc_tools
 from grpc_tools import protoc
 
@@ -20,6 +21,13 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
 OUTPUT = ROOT / "tidings"
 WELL_KNOWN = Path(grpc_tools.__file__).parent / "_proto"
+# googleapis-common-protos installs google/api/*.proto next to its modules.
+GOOGLEAPIS = Path(next(iter(google.api.__path__))).parent.parent
+# buf resolves imports only inside its workspace, and BSR dependencies would
+# need the network, so the googleapis files our protos import are copied here
+# (ignored by git) and listed as a second module in buf.yaml.
+BUF_THIRD_PARTY = ROOT / "build" / "third_party_protos"
+THIRD_PARTY_IMPORTS = ("google/api/annotations.proto", "google/api/http.proto")
 
 
 def generate(output: Path) -> None:
@@ -29,6 +37,7 @@ def generate(output: Path) -> None:
         "grpc_tools.protoc",
         f"--proto_path={PROTOS}",
         f"--proto_path={WELL_KNOWN}",
+        f"--proto_path={GOOGLEAPIS}",
         f"--python_out={output}",
         f"--pyi_out={output}",
         f"--grpc_python_out={output}",
@@ -41,6 +50,14 @@ def generate(output: Path) -> None:
     for directory in [output / "tidings", *(output / "tidings").rglob("*")]:
         if directory.is_dir() and directory.name != "__pycache__":
             (directory / "__init__.py").touch()
+
+
+def copy_third_party_protos() -> None:
+    """Put the googleapis protos our sources import where buf can read them."""
+    for name in THIRD_PARTY_IMPORTS:
+        target = BUF_THIRD_PARTY / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(GOOGLEAPIS / name, target)
 
 
 def differences(left: Path, right: Path) -> list[str]:
@@ -56,6 +73,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--check", action="store_true", help="fail if tidings/ is stale")
     options = parser.parse_args()
+    copy_third_party_protos()
 
     with tempfile.TemporaryDirectory() as scratch:
         generate(Path(scratch))

@@ -22,37 +22,48 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from tidings.inventory.v1 import product_pb2 as tidings_dot_inventory_dot_v1_dot_product__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,tidings/inventory/v1/inventory_service.proto\x12\x14tidings.inventory.v1\x1a google/protobuf/field_mask.proto\x1a\"tidings/inventory/v1/product.proto\"Z\n\x14\x43reateProductRequest\x12.\n\x07product\x18\x01 \x01(\x0b\x32\x1d.tidings.inventory.v1.Product\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"G\n\x15\x43reateProductResponse\x12.\n\x07product\x18\x01 \x01(\x0b\x32\x1d.tidings.inventory.v1.Product\"\x1f\n\x11GetProductRequest\x12\n\n\x02id\x18\x01 \x01(\t\"D\n\x12GetProductResponse\x12.\n\x07product\x18\x01 \x01(\x0b\x32\x1d.tidings.inventory.v1.Product\"<\n\x13ListProductsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"`\n\x14ListProductsResponse\x12/\n\x08products\x18\x01 \x03(\x0b\x32\x1d.tidings.inventory.v1.Product\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8b\x01\n\x14UpdateProductRequest\x12.\n\x07product\x18\x01 \x01(\x0b\x32\x1d.tidings.inventory.v1.Product\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"G\n\x15UpdateProductResponse\x12.\n\x07product\x18\x01 \x01(\x0b\x32\x1d.tidings.inventory.v1.Product\")\n\x15GetReservationRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\"P\n\x16GetReservationResponse\x12\x36\n\x0breservation\x18\x01 \x01(\x0b\x32!.tidings.inventory.v1.Reservation2\x9b\x04\n\x10InventoryService\x12h\n\rCreateProduct\x12*.tidings.inventory.v1.CreateProductRequest\x1a+.tidings.inventory.v1.CreateProductResponse\x12_\n\nGetProduct\x12\'.tidings.inventory.v1.GetProductRequest\x1a(.tidings.inventory.v1.GetProductResponse\x12\x65\n\x0cListProducts\x12).tidings.inventory.v1.ListProductsRequest\x1a*.tidings.inventory.v1.ListProductsResponse\x12h\n\rUpdateProduct\x12*.tidings.inventory.v1.UpdateProductRequest\x1a+.tidings.inventory.v1.UpdateProductResponse\x12k\n\x0eGetReservation\x12+.tidings.inventory.v1.GetReservationRequest\x1a,.tidings.inventory.v1.GetReservationResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,tidings/inventory/v1/inventory_service.proto\x12\x14tidings.inventory.v1\x1a\x1cgoogle/api/annotations.proto\x1a google/protobuf/field_mask.proto\x1a\"tidings/inventory/v1/product.proto\"Z\n\x14\x43reateProductRequest\x12.\n\x07product\x18\x01 \x01(\x0b\x32\x1d.tidings.inventory.v1.Product\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"G\n\x15\x43reateProductResponse\x12.\n\x07product\x18\x01 \x01(\x0b\x32\x1d.tidings.inventory.v1.Product\"\x1f\n\x11GetProductRequest\x12\n\n\x02id\x18\x01 \x01(\t\"D\n\x12GetProductResponse\x12.\n\x07product\x18\x01 \x01(\x0b\x32\x1d.tidings.inventory.v1.Product\"<\n\x13ListProductsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"`\n\x14ListProductsResponse\x12/\n\x08products\x18\x01 \x03(\x0b\x32\x1d.tidings.inventory.v1.Product\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8b\x01\n\x14UpdateProductRequest\x12.\n\x07product\x18\x01 \x01(\x0b\x32\x1d.tidings.inventory.v1.Product\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"G\n\x15UpdateProductResponse\x12.\n\x07product\x18\x01 \x01(\x0b\x32\x1d.tidings.inventory.v1.Product\")\n\x15GetReservationRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\"P\n\x16GetReservationResponse\x12\x36\n\x0breservation\x18\x01 \x01(\x0b\x32!.tidings.inventory.v1.Reservation2\xce\x05\n\x10InventoryService\x12\x87\x01\n\rCreateProduct\x12*.tidings.inventory.v1.CreateProductRequest\x1a+.tidings.inventory.v1.CreateProductResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\"\x0c/v1/products:\x07product\x12}\n\nGetProduct\x12\'.tidings.inventory.v1.GetProductRequest\x1a(.tidings.inventory.v1.GetProductResponse\"\x1c\x90\x02\x01\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/products/{id}\x12~\n\x0cListProducts\x12).tidings.inventory.v1.ListProductsRequest\x1a*.tidings.inventory.v1.ListProductsResponse\"\x17\x90\x02\x01\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/products\x12\x94\x01\n\rUpdateProduct\x12*.tidings.inventory.v1.UpdateProductRequest\x1a+.tidings.inventory.v1.UpdateProductResponse\"*\x82\xd3\xe4\x93\x02$2\x19/v1/products/{product.id}:\x07product\x12\x99\x01\n\x0eGetReservation\x12+.tidings.inventory.v1.GetReservationRequest\x1a,.tidings.inventory.v1.GetReservationResponse\",\x90\x02\x01\x82\xd3\xe4\x93\x02#\x12!/v1/orders/{order_id}/reservationb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tidings.inventory.v1.inventory_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREATEPRODUCTREQUEST']._serialized_start=140
-  _globals['_CREATEPRODUCTREQUEST']._serialized_end=230
-  _globals['_CREATEPRODUCTRESPONSE']._serialized_start=232
-  _globals['_CREATEPRODUCTRESPONSE']._serialized_end=303
-  _globals['_GETPRODUCTREQUEST']._serialized_start=305
-  _globals['_GETPRODUCTREQUEST']._serialized_end=336
-  _globals['_GETPRODUCTRESPONSE']._serialized_start=338
-  _globals['_GETPRODUCTRESPONSE']._serialized_end=406
-  _globals['_LISTPRODUCTSREQUEST']._serialized_start=408
-  _globals['_LISTPRODUCTSREQUEST']._serialized_end=468
-  _globals['_LISTPRODUCTSRESPONSE']._serialized_start=470
-  _globals['_LISTPRODUCTSRESPONSE']._serialized_end=566
-  _globals['_UPDATEPRODUCTREQUEST']._serialized_start=569
-  _globals['_UPDATEPRODUCTREQUEST']._serialized_end=708
-  _globals['_UPDATEPRODUCTRESPONSE']._serialized_start=710
-  _globals['_UPDATEPRODUCTRESPONSE']._serialized_end=781
-  _globals['_GETRESERVATIONREQUEST']._serialized_start=783
-  _globals['_GETRESERVATIONREQUEST']._serialized_end=824
-  _globals['_GETRESERVATIONRESPONSE']._serialized_start=826
-  _globals['_GETRESERVATIONRESPONSE']._serialized_end=906
-  _globals['_INVENTORYSERVICE']._serialized_start=909
-  _globals['_INVENTORYSERVICE']._serialized_end=1448
+  _globals['_INVENTORYSERVICE'].methods_by_name['CreateProduct']._loaded_options = None
+  _globals['_INVENTORYSERVICE'].methods_by_name['CreateProduct']._serialized_options = b'\202\323\344\223\002\027\"\014/v1/products:\007product'
+  _globals['_INVENTORYSERVICE'].methods_by_name['GetProduct']._loaded_options = None
+  _globals['_INVENTORYSERVICE'].methods_by_name['GetProduct']._serialized_options = b'\220\002\001\202\323\344\223\002\023\022\021/v1/products/{id}'
+  _globals['_INVENTORYSERVICE'].methods_by_name['ListProducts']._loaded_options = None
+  _globals['_INVENTORYSERVICE'].methods_by_name['ListProducts']._serialized_options = b'\220\002\001\202\323\344\223\002\016\022\014/v1/products'
+  _globals['_INVENTORYSERVICE'].methods_by_name['UpdateProduct']._loaded_options = None
+  _globals['_INVENTORYSERVICE'].methods_by_name['UpdateProduct']._serialized_options = b'\202\323\344\223\002$2\031/v1/products/{product.id}:\007product'
+  _globals['_INVENTORYSERVICE'].methods_by_name['GetReservation']._loaded_options = None
+  _globals['_INVENTORYSERVICE'].methods_by_name['GetReservation']._serialized_options = b'\220\002\001\202\323\344\223\002#\022!/v1/orders/{order_id}/reservation'
+  _globals['_CREATEPRODUCTREQUEST']._serialized_start=170
+  _globals['_CREATEPRODUCTREQUEST']._serialized_end=260
+  _globals['_CREATEPRODUCTRESPONSE']._serialized_start=262
+  _globals['_CREATEPRODUCTRESPONSE']._serialized_end=333
+  _globals['_GETPRODUCTREQUEST']._serialized_start=335
+  _globals['_GETPRODUCTREQUEST']._serialized_end=366
+  _globals['_GETPRODUCTRESPONSE']._serialized_start=368
+  _globals['_GETPRODUCTRESPONSE']._serialized_end=436
+  _globals['_LISTPRODUCTSREQUEST']._serialized_start=438
+  _globals['_LISTPRODUCTSREQUEST']._serialized_end=498
+  _globals['_LISTPRODUCTSRESPONSE']._serialized_start=500
+  _globals['_LISTPRODUCTSRESPONSE']._serialized_end=596
+  _globals['_UPDATEPRODUCTREQUEST']._serialized_start=599
+  _globals['_UPDATEPRODUCTREQUEST']._serialized_end=738
+  _globals['_UPDATEPRODUCTRESPONSE']._serialized_start=740
+  _globals['_UPDATEPRODUCTRESPONSE']._serialized_end=811
+  _globals['_GETRESERVATIONREQUEST']._serialized_start=813
+  _globals['_GETRESERVATIONREQUEST']._serialized_end=854
+  _globals['_GETRESERVATIONRESPONSE']._serialized_start=856
+  _globals['_GETRESERVATIONRESPONSE']._serialized_end=936
+  _globals['_INVENTORYSERVICE']._serialized_start=939
+  _globals['_INVENTORYSERVICE']._serialized_end=1657
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from google.api import annotations_pb2 as _annotations_pb2
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from tidings.inventory.v1 import product_pb2 as _product_pb2
 from google.protobuf.internal import containers as _containers

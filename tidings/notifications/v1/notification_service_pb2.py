@@ -22,20 +22,23 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from tidings.notifications.v1 import notification_pb2 as tidings_dot_notifications_dot_v1_dot_notification__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n3tidings/notifications/v1/notification_service.proto\x12\x18tidings.notifications.v1\x1a+tidings/notifications/v1/notification.proto\"R\n\x18ListNotificationsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"s\n\x19ListNotificationsResponse\x12=\n\rnotifications\x18\x01 \x03(\x0b\x32&.tidings.notifications.v1.Notification\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x93\x01\n\x13NotificationService\x12|\n\x11ListNotifications\x12\x32.tidings.notifications.v1.ListNotificationsRequest\x1a\x33.tidings.notifications.v1.ListNotificationsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n3tidings/notifications/v1/notification_service.proto\x12\x18tidings.notifications.v1\x1a\x1cgoogle/api/annotations.proto\x1a+tidings/notifications/v1/notification.proto\"R\n\x18ListNotificationsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"s\n\x19ListNotificationsResponse\x12=\n\rnotifications\x18\x01 \x03(\x0b\x32&.tidings.notifications.v1.Notification\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xc2\x01\n\x13NotificationService\x12\xaa\x01\n\x11ListNotifications\x12\x32.tidings.notifications.v1.ListNotificationsRequest\x1a\x33.tidings.notifications.v1.ListNotificationsResponse\",\x90\x02\x01\x82\xd3\xe4\x93\x02#\x12!/v1/users/{user_id}/notificationsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tidings.notifications.v1.notification_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_start=126
-  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_end=208
-  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_start=210
-  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_end=325
-  _globals['_NOTIFICATIONSERVICE']._serialized_start=328
-  _globals['_NOTIFICATIONSERVICE']._serialized_end=475
+  _globals['_NOTIFICATIONSERVICE'].methods_by_name['ListNotifications']._loaded_options = None
+  _globals['_NOTIFICATIONSERVICE'].methods_by_name['ListNotifications']._serialized_options = b'\220\002\001\202\323\344\223\002#\022!/v1/users/{user_id}/notifications'
+  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_start=156
+  _globals['_LISTNOTIFICATIONSREQUEST']._serialized_end=238
+  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_start=240
+  _globals['_LISTNOTIFICATIONSRESPONSE']._serialized_end=355
+  _globals['_NOTIFICATIONSERVICE']._serialized_start=358
+  _globals['_NOTIFICATIONSERVICE']._serialized_end=552
 # @@protoc_insertion_point(module_scope)

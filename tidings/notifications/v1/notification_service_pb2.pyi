@@ -1,3 +1,4 @@
+from google.api import annotations_pb2 as _annotations_pb2
 from tidings.notifications.v1 import notification_pb2 as _notification_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor

@@ -22,32 +22,41 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from tidings.orders.v1 import order_pb2 as tidings_dot_orders_dot_v1_dot_order__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%tidings/orders/v1/order_service.proto\x12\x11tidings.orders.v1\x1a\x1dtidings/orders/v1/order.proto\"i\n\x11PlaceOrderRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12/\n\nline_items\x18\x02 \x03(\x0b\x32\x1b.tidings.orders.v1.LineItem\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"=\n\x12PlaceOrderResponse\x12\'\n\x05order\x18\x01 \x01(\x0b\x32\x18.tidings.orders.v1.Order\"\x1d\n\x0fGetOrderRequest\x12\n\n\x02id\x18\x01 \x01(\t\";\n\x10GetOrderResponse\x12\'\n\x05order\x18\x01 \x01(\x0b\x32\x18.tidings.orders.v1.Order\"K\n\x11ListOrdersRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"W\n\x12ListOrdersResponse\x12(\n\x06orders\x18\x01 \x03(\x0b\x32\x18.tidings.orders.v1.Order\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"4\n\x12\x43\x61ncelOrderRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\">\n\x13\x43\x61ncelOrderResponse\x12\'\n\x05order\x18\x01 \x01(\x0b\x32\x18.tidings.orders.v1.Order2\xf7\x02\n\x0cOrderService\x12Y\n\nPlaceOrder\x12$.tidings.orders.v1.PlaceOrderRequest\x1a%.tidings.orders.v1.PlaceOrderResponse\x12S\n\x08GetOrder\x12\".tidings.orders.v1.GetOrderRequest\x1a#.tidings.orders.v1.GetOrderResponse\x12Y\n\nListOrders\x12$.tidings.orders.v1.ListOrdersRequest\x1a%.tidings.orders.v1.ListOrdersResponse\x12\\\n\x0b\x43\x61ncelOrder\x12%.tidings.orders.v1.CancelOrderRequest\x1a&.tidings.orders.v1.CancelOrderResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%tidings/orders/v1/order_service.proto\x12\x11tidings.orders.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1dtidings/orders/v1/order.proto\"i\n\x11PlaceOrderRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12/\n\nline_items\x18\x02 \x03(\x0b\x32\x1b.tidings.orders.v1.LineItem\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"=\n\x12PlaceOrderResponse\x12\'\n\x05order\x18\x01 \x01(\x0b\x32\x18.tidings.orders.v1.Order\"\x1d\n\x0fGetOrderRequest\x12\n\n\x02id\x18\x01 \x01(\t\";\n\x10GetOrderResponse\x12\'\n\x05order\x18\x01 \x01(\x0b\x32\x18.tidings.orders.v1.Order\"K\n\x11ListOrdersRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"W\n\x12ListOrdersResponse\x12(\n\x06orders\x18\x01 \x03(\x0b\x32\x18.tidings.orders.v1.Order\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"4\n\x12\x43\x61ncelOrderRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\">\n\x13\x43\x61ncelOrderResponse\x12\'\n\x05order\x18\x01 \x01(\x0b\x32\x18.tidings.orders.v1.Order2\xf5\x03\n\x0cOrderService\x12p\n\nPlaceOrder\x12$.tidings.orders.v1.PlaceOrderRequest\x1a%.tidings.orders.v1.PlaceOrderResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\"\n/v1/orders:\x01*\x12o\n\x08GetOrder\x12\".tidings.orders.v1.GetOrderRequest\x1a#.tidings.orders.v1.GetOrderResponse\"\x1a\x90\x02\x01\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/orders/{id}\x12\x80\x01\n\nListOrders\x12$.tidings.orders.v1.ListOrdersRequest\x1a%.tidings.orders.v1.ListOrdersResponse\"%\x90\x02\x01\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/users/{user_id}/orders\x12\x7f\n\x0b\x43\x61ncelOrder\x12%.tidings.orders.v1.CancelOrderRequest\x1a&.tidings.orders.v1.CancelOrderResponse\"!\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/orders/{id}:cancel:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tidings.orders.v1.order_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PLACEORDERREQUEST']._serialized_start=91
-  _globals['_PLACEORDERREQUEST']._serialized_end=196
-  _globals['_PLACEORDERRESPONSE']._serialized_start=198
-  _globals['_PLACEORDERRESPONSE']._serialized_end=259
-  _globals['_GETORDERREQUEST']._serialized_start=261
-  _globals['_GETORDERREQUEST']._serialized_end=290
-  _globals['_GETORDERRESPONSE']._serialized_start=292
-  _globals['_GETORDERRESPONSE']._serialized_end=351
-  _globals['_LISTORDERSREQUEST']._serialized_start=353
-  _globals['_LISTORDERSREQUEST']._serialized_end=428
-  _globals['_LISTORDERSRESPONSE']._serialized_start=430
-  _globals['_LISTORDERSRESPONSE']._serialized_end=517
-  _globals['_CANCELORDERREQUEST']._serialized_start=519
-  _globals['_CANCELORDERREQUEST']._serialized_end=571
-  _globals['_CANCELORDERRESPONSE']._serialized_start=573
-  _globals['_CANCELORDERRESPONSE']._serialized_end=635
-  _globals['_ORDERSERVICE']._serialized_start=638
-  _globals['_ORDERSERVICE']._serialized_end=1013
+  _globals['_ORDERSERVICE'].methods_by_name['PlaceOrder']._loaded_options = None
+  _globals['_ORDERSERVICE'].methods_by_name['PlaceOrder']._serialized_options = b'\202\323\344\223\002\017\"\n/v1/orders:\001*'
+  _globals['_ORDERSERVICE'].methods_by_name['GetOrder']._loaded_options = None
+  _globals['_ORDERSERVICE'].methods_by_name['GetOrder']._serialized_options = b'\220\002\001\202\323\344\223\002\021\022\017/v1/orders/{id}'
+  _globals['_ORDERSERVICE'].methods_by_name['ListOrders']._loaded_options = None
+  _globals['_ORDERSERVICE'].methods_by_name['ListOrders']._serialized_options = b'\220\002\001\202\323\344\223\002\034\022\032/v1/users/{user_id}/orders'
+  _globals['_ORDERSERVICE'].methods_by_name['CancelOrder']._loaded_options = None
+  _globals['_ORDERSERVICE'].methods_by_name['CancelOrder']._serialized_options = b'\202\323\344\223\002\033\"\026/v1/orders/{id}:cancel:\001*'
+  _globals['_PLACEORDERREQUEST']._serialized_start=121
+  _globals['_PLACEORDERREQUEST']._serialized_end=226
+  _globals['_PLACEORDERRESPONSE']._serialized_start=228
+  _globals['_PLACEORDERRESPONSE']._serialized_end=289
+  _globals['_GETORDERREQUEST']._serialized_start=291
+  _globals['_GETORDERREQUEST']._serialized_end=320
+  _globals['_GETORDERRESPONSE']._serialized_start=322
+  _globals['_GETORDERRESPONSE']._serialized_end=381
+  _globals['_LISTORDERSREQUEST']._serialized_start=383
+  _globals['_LISTORDERSREQUEST']._serialized_end=458
+  _globals['_LISTORDERSRESPONSE']._serialized_start=460
+  _globals['_LISTORDERSRESPONSE']._serialized_end=547
+  _globals['_CANCELORDERREQUEST']._serialized_start=549
+  _globals['_CANCELORDERREQUEST']._serialized_end=601
+  _globals['_CANCELORDERRESPONSE']._serialized_start=603
+  _globals['_CANCELORDERRESPONSE']._serialized_end=665
+  _globals['_ORDERSERVICE']._serialized_start=668
+  _globals['_ORDERSERVICE']._serialized_end=1169
 # @@protoc_insertion_point(module_scope)

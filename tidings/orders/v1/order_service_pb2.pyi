@@ -1,3 +1,4 @@
+from google.api import annotations_pb2 as _annotations_pb2
 from tidings.orders.v1 import order_pb2 as _order_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor

@@ -22,28 +22,35 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from tidings.payments.v1 import payment_pb2 as tidings_dot_payments_dot_v1_dot_payment__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)tidings/payments/v1/payment_service.proto\x12\x13tidings.payments.v1\x1a!tidings/payments/v1/payment.proto\"I\n\x0cTopUpRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61mount_cents\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"<\n\rTopUpResponse\x12+\n\x06wallet\x18\x01 \x01(\x0b\x32\x1b.tidings.payments.v1.Wallet\"#\n\x10GetWalletRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"@\n\x11GetWalletResponse\x12+\n\x06wallet\x18\x01 \x01(\x0b\x32\x1b.tidings.payments.v1.Wallet\"%\n\x11GetPaymentRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\"C\n\x12GetPaymentResponse\x12-\n\x07payment\x18\x01 \x01(\x0b\x32\x1c.tidings.payments.v1.Payment2\x9b\x02\n\x0ePaymentService\x12N\n\x05TopUp\x12!.tidings.payments.v1.TopUpRequest\x1a\".tidings.payments.v1.TopUpResponse\x12Z\n\tGetWallet\x12%.tidings.payments.v1.GetWalletRequest\x1a&.tidings.payments.v1.GetWalletResponse\x12]\n\nGetPayment\x12&.tidings.payments.v1.GetPaymentRequest\x1a\'.tidings.payments.v1.GetPaymentResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)tidings/payments/v1/payment_service.proto\x12\x13tidings.payments.v1\x1a\x1cgoogle/api/annotations.proto\x1a!tidings/payments/v1/payment.proto\"I\n\x0cTopUpRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61mount_cents\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"<\n\rTopUpResponse\x12+\n\x06wallet\x18\x01 \x01(\x0b\x32\x1b.tidings.payments.v1.Wallet\"#\n\x10GetWalletRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"@\n\x11GetWalletResponse\x12+\n\x06wallet\x18\x01 \x01(\x0b\x32\x1b.tidings.payments.v1.Wallet\"%\n\x11GetPaymentRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\"C\n\x12GetPaymentResponse\x12-\n\x07payment\x18\x01 \x01(\x0b\x32\x1c.tidings.payments.v1.Payment2\x9b\x03\n\x0ePaymentService\x12{\n\x05TopUp\x12!.tidings.payments.v1.TopUpRequest\x1a\".tidings.payments.v1.TopUpResponse\"+\x82\xd3\xe4\x93\x02%\" /v1/users/{user_id}/wallet:topUp:\x01*\x12\x81\x01\n\tGetWallet\x12%.tidings.payments.v1.GetWalletRequest\x1a&.tidings.payments.v1.GetWalletResponse\"%\x90\x02\x01\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/users/{user_id}/wallet\x12\x87\x01\n\nGetPayment\x12&.tidings.payments.v1.GetPaymentRequest\x1a\'.tidings.payments.v1.GetPaymentResponse\"(\x90\x02\x01\x82\xd3\xe4\x93\x02\x1f\x12\x1d/v1/orders/{order_id}/paymentb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tidings.payments.v1.payment_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOPUPREQUEST']._serialized_start=101
-  _globals['_TOPUPREQUEST']._serialized_end=174
-  _globals['_TOPUPRESPONSE']._serialized_start=176
-  _globals['_TOPUPRESPONSE']._serialized_end=236
-  _globals['_GETWALLETREQUEST']._serialized_start=238
-  _globals['_GETWALLETREQUEST']._serialized_end=273
-  _globals['_GETWALLETRESPONSE']._serialized_start=275
-  _globals['_GETWALLETRESPONSE']._serialized_end=339
-  _globals['_GETPAYMENTREQUEST']._serialized_start=341
-  _globals['_GETPAYMENTREQUEST']._serialized_end=378
-  _globals['_GETPAYMENTRESPONSE']._serialized_start=380
-  _globals['_GETPAYMENTRESPONSE']._serialized_end=447
-  _globals['_PAYMENTSERVICE']._serialized_start=450
-  _globals['_PAYMENTSERVICE']._serialized_end=733
+  _globals['_PAYMENTSERVICE'].methods_by_name['TopUp']._loaded_options = None
+  _globals['_PAYMENTSERVICE'].methods_by_name['TopUp']._serialized_options = b'\202\323\344\223\002%\" /v1/users/{user_id}/wallet:topUp:\001*'
+  _globals['_PAYMENTSERVICE'].methods_by_name['GetWallet']._loaded_options = None
+  _globals['_PAYMENTSERVICE'].methods_by_name['GetWallet']._serialized_options = b'\220\002\001\202\323\344\223\002\034\022\032/v1/users/{user_id}/wallet'
+  _globals['_PAYMENTSERVICE'].methods_by_name['GetPayment']._loaded_options = None
+  _globals['_PAYMENTSERVICE'].methods_by_name['GetPayment']._serialized_options = b'\220\002\001\202\323\344\223\002\037\022\035/v1/orders/{order_id}/payment'
+  _globals['_TOPUPREQUEST']._serialized_start=131
+  _globals['_TOPUPREQUEST']._serialized_end=204
+  _globals['_TOPUPRESPONSE']._serialized_start=206
+  _globals['_TOPUPRESPONSE']._serialized_end=266
+  _globals['_GETWALLETREQUEST']._serialized_start=268
+  _globals['_GETWALLETREQUEST']._serialized_end=303
+  _globals['_GETWALLETRESPONSE']._serialized_start=305
+  _globals['_GETWALLETRESPONSE']._serialized_end=369
+  _globals['_GETPAYMENTREQUEST']._serialized_start=371
+  _globals['_GETPAYMENTREQUEST']._serialized_end=408
+  _globals['_GETPAYMENTRESPONSE']._serialized_start=410
+  _globals['_GETPAYMENTRESPONSE']._serialized_end=477
+  _globals['_PAYMENTSERVICE']._serialized_start=480
+  _globals['_PAYMENTSERVICE']._serialized_end=891
 # @@protoc_insertion_point(module_scope)

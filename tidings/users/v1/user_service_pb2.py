@@ -22,37 +22,48 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from tidings.users.v1 import user_pb2 as tidings_dot_users_dot_v1_dot_user__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#tidings/users/v1/user_service.proto\x12\x10tidings.users.v1\x1a google/protobuf/field_mask.proto\x1a\x1btidings/users/v1/user.proto\"M\n\x11\x43reateUserRequest\x12$\n\x04user\x18\x01 \x01(\x0b\x32\x16.tidings.users.v1.User\x12\x12\n\nrequest_id\x18\x02 \x01(\t\":\n\x12\x43reateUserResponse\x12$\n\x04user\x18\x01 \x01(\x0b\x32\x16.tidings.users.v1.User\"\x1c\n\x0eGetUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\"7\n\x0fGetUserResponse\x12$\n\x04user\x18\x01 \x01(\x0b\x32\x16.tidings.users.v1.User\"9\n\x10ListUsersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"S\n\x11ListUsersResponse\x12%\n\x05users\x18\x01 \x03(\x0b\x32\x16.tidings.users.v1.User\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"~\n\x11UpdateUserRequest\x12$\n\x04user\x18\x01 \x01(\x0b\x32\x16.tidings.users.v1.User\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x12\n\nrequest_id\x18\x03 \x01(\t\":\n\x12UpdateUserResponse\x12$\n\x04user\x18\x01 \x01(\x0b\x32\x16.tidings.users.v1.User\"3\n\x11\x44\x65leteUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x14\n\x12\x44\x65leteUserResponse2\xbe\x03\n\x0bUserService\x12W\n\nCreateUser\x12#.tidings.users.v1.CreateUserRequest\x1a$.tidings.users.v1.CreateUserResponse\x12N\n\x07GetUser\x12 .tidings.users.v1.GetUserRequest\x1a!.tidings.users.v1.GetUserResponse\x12T\n\tListUsers\x12\".tidings.users.v1.ListUsersRequest\x1a#.tidings.users.v1.ListUsersResponse\x12W\n\nUpdateUser\x12#.tidings.users.v1.UpdateUserRequest\x1a$.tidings.users.v1.UpdateUserResponse\x12W\n\nDeleteUser\x12#.tidings.users.v1.DeleteUserRequest\x1a$.tidings.users.v1.DeleteUserResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#tidings/users/v1/user_service.proto\x12\x10tidings.users.v1\x1a\x1cgoogle/api/annotations.proto\x1a google/protobuf/field_mask.proto\x1a\x1btidings/users/v1/user.proto\"M\n\x11\x43reateUserRequest\x12$\n\x04user\x18\x01 \x01(\x0b\x32\x16.tidings.users.v1.User\x12\x12\n\nrequest_id\x18\x02 \x01(\t\":\n\x12\x43reateUserResponse\x12$\n\x04user\x18\x01 \x01(\x0b\x32\x16.tidings.users.v1.User\"\x1c\n\x0eGetUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\"7\n\x0fGetUserResponse\x12$\n\x04user\x18\x01 \x01(\x0b\x32\x16.tidings.users.v1.User\"9\n\x10ListUsersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"S\n\x11ListUsersResponse\x12%\n\x05users\x18\x01 \x03(\x0b\x32\x16.tidings.users.v1.User\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"~\n\x11UpdateUserRequest\x12$\n\x04user\x18\x01 \x01(\x0b\x32\x16.tidings.users.v1.User\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x12\n\nrequest_id\x18\x03 \x01(\t\":\n\x12UpdateUserResponse\x12$\n\x04user\x18\x01 \x01(\x0b\x32\x16.tidings.users.v1.User\"3\n\x11\x44\x65leteUserRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x14\n\x12\x44\x65leteUserResponse2\xc3\x04\n\x0bUserService\x12p\n\nCreateUser\x12#.tidings.users.v1.CreateUserRequest\x1a$.tidings.users.v1.CreateUserResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\t/v1/users:\x04user\x12i\n\x07GetUser\x12 .tidings.users.v1.GetUserRequest\x1a!.tidings.users.v1.GetUserResponse\"\x19\x90\x02\x01\x82\xd3\xe4\x93\x02\x10\x12\x0e/v1/users/{id}\x12j\n\tListUsers\x12\".tidings.users.v1.ListUsersRequest\x1a#.tidings.users.v1.ListUsersResponse\"\x14\x90\x02\x01\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/users\x12z\n\nUpdateUser\x12#.tidings.users.v1.UpdateUserRequest\x1a$.tidings.users.v1.UpdateUserResponse\"!\x82\xd3\xe4\x93\x02\x1b\x32\x13/v1/users/{user.id}:\x04user\x12o\n\nDeleteUser\x12#.tidings.users.v1.DeleteUserRequest\x1a$.tidings.users.v1.DeleteUserResponse\"\x16\x82\xd3\xe4\x93\x02\x10*\x0e/v1/users/{id}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tidings.users.v1.user_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREATEUSERREQUEST']._serialized_start=120
-  _globals['_CREATEUSERREQUEST']._serialized_end=197
-  _globals['_CREATEUSERRESPONSE']._serialized_start=199
-  _globals['_CREATEUSERRESPONSE']._serialized_end=257
-  _globals['_GETUSERREQUEST']._serialized_start=259
-  _globals['_GETUSERREQUEST']._serialized_end=287
-  _globals['_GETUSERRESPONSE']._serialized_start=289
-  _globals['_GETUSERRESPONSE']._serialized_end=344
-  _globals['_LISTUSERSREQUEST']._serialized_start=346
-  _globals['_LISTUSERSREQUEST']._serialized_end=403
-  _globals['_LISTUSERSRESPONSE']._serialized_start=405
-  _globals['_LISTUSERSRESPONSE']._serialized_end=488
-  _globals['_UPDATEUSERREQUEST']._serialized_start=490
-  _globals['_UPDATEUSERREQUEST']._serialized_end=616
-  _globals['_UPDATEUSERRESPONSE']._serialized_start=618
-  _globals['_UPDATEUSERRESPONSE']._serialized_end=676
-  _globals['_DELETEUSERREQUEST']._serialized_start=678
-  _globals['_DELETEUSERREQUEST']._serialized_end=729
-  _globals['_DELETEUSERRESPONSE']._serialized_start=731
-  _globals['_DELETEUSERRESPONSE']._serialized_end=751
-  _globals['_USERSERVICE']._serialized_start=754
-  _globals['_USERSERVICE']._serialized_end=1200
+  _globals['_USERSERVICE'].methods_by_name['CreateUser']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['CreateUser']._serialized_options = b'\202\323\344\223\002\021\"\t/v1/users:\004user'
+  _globals['_USERSERVICE'].methods_by_name['GetUser']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['GetUser']._serialized_options = b'\220\002\001\202\323\344\223\002\020\022\016/v1/users/{id}'
+  _globals['_USERSERVICE'].methods_by_name['ListUsers']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['ListUsers']._serialized_options = b'\220\002\001\202\323\344\223\002\013\022\t/v1/users'
+  _globals['_USERSERVICE'].methods_by_name['UpdateUser']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['UpdateUser']._serialized_options = b'\202\323\344\223\002\0332\023/v1/users/{user.id}:\004user'
+  _globals['_USERSERVICE'].methods_by_name['DeleteUser']._loaded_options = None
+  _globals['_USERSERVICE'].methods_by_name['DeleteUser']._serialized_options = b'\202\323\344\223\002\020*\016/v1/users/{id}'
+  _globals['_CREATEUSERREQUEST']._serialized_start=150
+  _globals['_CREATEUSERREQUEST']._serialized_end=227
+  _globals['_CREATEUSERRESPONSE']._serialized_start=229
+  _globals['_CREATEUSERRESPONSE']._serialized_end=287
+  _globals['_GETUSERREQUEST']._serialized_start=289
+  _globals['_GETUSERREQUEST']._serialized_end=317
+  _globals['_GETUSERRESPONSE']._serialized_start=319
+  _globals['_GETUSERRESPONSE']._serialized_end=374
+  _globals['_LISTUSERSREQUEST']._serialized_start=376
+  _globals['_LISTUSERSREQUEST']._serialized_end=433
+  _globals['_LISTUSERSRESPONSE']._serialized_start=435
+  _globals['_LISTUSERSRESPONSE']._serialized_end=518
+  _globals['_UPDATEUSERREQUEST']._serialized_start=520
+  _globals['_UPDATEUSERREQUEST']._serialized_end=646
+  _globals['_UPDATEUSERRESPONSE']._serialized_start=648
+  _globals['_UPDATEUSERRESPONSE']._serialized_end=706
+  _globals['_DELETEUSERREQUEST']._serialized_start=708
+  _globals['_DELETEUSERREQUEST']._serialized_end=759
+  _globals['_DELETEUSERRESPONSE']._serialized_start=761
+  _globals['_DELETEUSERRESPONSE']._serialized_end=781
+  _globals['_USERSERVICE']._serialized_start=784
+  _globals['_USERSERVICE']._serialized_end=1363
 # @@protoc_insertion_point(module_scope)

@@ -27,8 +27,8 @@ class GatewaySettings(BaseSettings):
     # Backends: several comma-separated host:port per service mean replicas.
     backends: dict[str, str] = Field(
         default_factory=dict,
-        description='Backend addresses per service as JSON, e.g. {"users": "127.0.0.1:50051,127.0.0.1:50061"}; '
-        "services not listed use the runtime host and port.",
+        description="Backend addresses per service as JSON, e.g. "
+        '{"users": "127.0.0.1:50051,127.0.0.1:50061"}; services not listed use the runtime host and port.',
     )
     backend_timeout: PositiveSeconds = Field(
         default=10.0, description="Deadline of a backend call when the client asks for none shorter."
@@ -36,8 +36,8 @@ class GatewaySettings(BaseSettings):
     retry_attempts: Annotated[int, Field(ge=1, le=5)] = Field(
         default=3, description="Attempts per call of a method with no side effects (1 disables retries)."
     )
-    retry_budget_tokens: Annotated[float, Field(gt=0, le=1000)] = Field(
-        default=10.0, description="gRPC retry throttling: tokens per backend; retries stop below half."
+    retry_budget_tokens: Annotated[int, Field(ge=1, le=1000)] = Field(
+        default=10, description="gRPC retry throttling: tokens per backend; retries stop below half."
     )
     retry_budget_ratio: Annotated[float, Field(gt=0, le=1)] = Field(
         default=0.1, description="gRPC retry throttling: tokens a successful call gives back."
@@ -62,10 +62,6 @@ class GatewaySettings(BaseSettings):
     jwt_audience: str | None = Field(default=None, description="Required `aud` claim, if set.")
     jwt_leeway: Annotated[float, Field(ge=0, le=300)] = Field(
         default=30.0, description="Seconds of clock skew allowed for exp, nbf and iat."
-    )
-    identity_secret: SecretStr | None = Field(
-        default=None,
-        description="Secret shared with the services to sign the caller identity the gateway forwards.",
     )
 
     # Rate limits: token bucket per caller and route.
@@ -116,18 +112,27 @@ class GatewaySettings(BaseSettings):
     def _check_combinations(self) -> GatewaySettings:
         if self.cors_allow_credentials and "*" in self.cors_origins:
             raise ValueError(
-                "cors_allow_credentials cannot be combined with the origin *; list the origins explicitly"
+                "TIDINGS_GATEWAY_CORS_ALLOW_CREDENTIALS=true cannot be combined with the origin * in "
+                "TIDINGS_GATEWAY_CORS_ORIGINS; list the origins explicitly"
             )
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
-            raise ValueError("set both tls_cert_file and tls_key_file, or neither")
+            raise ValueError(
+                "set both TIDINGS_GATEWAY_TLS_CERT_FILE and TIDINGS_GATEWAY_TLS_KEY_FILE, or neither"
+            )
         if (self.backend_cert_file is None) != (self.backend_key_file is None):
-            raise ValueError("set both backend_cert_file and backend_key_file, or neither")
+            raise ValueError(
+                "set both TIDINGS_GATEWAY_BACKEND_CERT_FILE and TIDINGS_GATEWAY_BACKEND_KEY_FILE, or neither"
+            )
         if self.backend_cert_file is not None and self.backend_ca_file is None:
-            raise ValueError("backend_cert_file needs backend_ca_file to verify the services")
+            raise ValueError(
+                "TIDINGS_GATEWAY_BACKEND_CERT_FILE needs TIDINGS_GATEWAY_BACKEND_CA_FILE to verify the "
+                "services"
+            )
         has_key = self.jwt_hs256_secret or self.jwt_public_key_file or self.jwt_jwks_file
         if self.auth_enabled and not has_key:
             raise ValueError(
-                "auth is on but no key is configured: set jwt_hs256_secret, jwt_public_key_file "
-                "or jwt_jwks_file (or auth_enabled=false for local tests)"
+                "auth is on but no key is configured: set TIDINGS_GATEWAY_JWT_HS256_SECRET, "
+                "TIDINGS_GATEWAY_JWT_PUBLIC_KEY_FILE or TIDINGS_GATEWAY_JWT_JWKS_FILE (or "
+                "TIDINGS_GATEWAY_AUTH_ENABLED=false for local tests)"
             )
         return self

@@ -13,7 +13,7 @@ from observability.propagation import inject_context
 from services.orders import store
 from services.orders.saga import CANCELLED, IllegalTransition, Trigger
 from services.orders.transitions import OrderSaga
-from services.runtime.clients import outgoing_timeout, traced_channel
+from services.runtime.clients import client_credentials, outgoing_timeout, traced_channel
 from services.runtime.errors import FailedPrecondition, NotFound, Unavailable
 from services.runtime.pagination import decode_page_token, encode_page_token
 from services.runtime.service import Runtime
@@ -41,7 +41,7 @@ class OrderServicer(order_service_pb2_grpc.OrderServiceServicer):
         self._saga = saga
         self._settings = runtime.settings
         self._users_address = runtime.settings.address_of("users")
-        channel = traced_channel(self._users_address)
+        channel = traced_channel(self._users_address, client_credentials(runtime.settings))
         self._users = user_service_pb2_grpc.UserServiceStub(channel)
         runtime.on_stop(lambda: channel.close())
 

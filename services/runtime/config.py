@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from observability.logging import redact_url
@@ -105,6 +105,17 @@ class Settings(BaseSettings):
         default=False, description="Refuse to start when the start-up check finds a problem."
     )
 
+    identity_secret: SecretStr | None = Field(
+        default=None,
+        description="Secret the gateway signs caller identities with; services trust identities only "
+        "when it is set and the signature matches.",
+    )
+    tls_cert_file: Path | None = Field(default=None, description="PEM certificate the gRPC server presents.")
+    tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: Path | None = Field(
+        default=None, description="CA of the client certificates the gRPC server requires (mTLS)."
+    )
+
     shutdown_grace: PositiveSeconds = Field(
         default=10.0, description="Seconds in-flight calls get to finish after SIGTERM."
     )
@@ -125,6 +136,16 @@ class Settings(BaseSettings):
             raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
         return value.upper()
 
+    @model_validator(mode="after")
+    def _check_tls(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("set both TIDINGS_TLS_CERT_FILE and TIDINGS_TLS_KEY_FILE, or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError(
+                "TIDINGS_TLS_CLIENT_CA_FILE needs TIDINGS_TLS_CERT_FILE and TIDINGS_TLS_KEY_FILE"
+            )
+        return self
+
     def port_of(self, service: str) -> int:
         """Return the configured port of a service by name, such as ``users``."""
         return int(getattr(self, f"{service}_port"))
@@ -144,46 +165,59 @@ class Settings(BaseSettings):
         return f"sqlite+aiosqlite:///{self.data_dir.resolve() / f'{service}.sqlite3'}"
 
 
-def _unparsable_variable(message: str) -> str:
+def _unparsable_variable(message: str, prefix: str) -> str:
     match = re.search(r'field "(\w+)"', message)
     field = match.group(1) if match else "?"
-    return f"TIDINGS_{field.upper()}"
+    return f"{prefix}{field.upper()}"
 
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
 
 _URL_VARIABLES = frozenset({"NATS_URL", "TIDINGS_DATABASE_URL"})
+_SECRET_WORDS = ("SECRET", "PASSWORD", "TOKEN")
 
 
-def _variable_name(location: tuple[str | int, ...]) -> str:
-    field = str(location[0]) if location else "?"
+def _variable_name(location: tuple[str | int, ...], prefix: str) -> str:
+    field = str(location[0]) if location else ""
     if field.upper() in {"NATS_URL", "TIDINGS_NATS_URL"}:
         return "NATS_URL"
-    return f"TIDINGS_{field.upper()}"
+    if not field:
+        # A check across several settings; its message names them.
+        return prefix.rstrip("_") + " settings"
+    return f"{prefix}{field.upper()}"
 
 
-def load_settings() -> Settings:
-    """Read settings from the environment.
+def load_settings(settings_class: type[SettingsT] = Settings) -> SettingsT:  # type: ignore[assignment]
+    """Read settings of settings_class (the runtime Settings by default) from the environment.
 
     Raises:
         ConfigurationError: A variable has an invalid value; the message names
-            each such variable, its value and what is expected.
+            each such variable, its value (secrets masked) and what is expected.
     """
+    prefix = str(settings_class.model_config.get("env_prefix", ""))
     try:
-        return Settings()
+        return settings_class()
     except SettingsError as exc:
         # Raised before validation when a list setting is not valid JSON.
-        name = _unparsable_variable(str(exc))
+        name = _unparsable_variable(str(exc), prefix)
         raise ConfigurationError(
-            f"invalid {name}={os.environ.get(name, '')!r}: expected a JSON list such as [0.5, 2, 10]"
+            f"invalid {name}={os.environ.get(name, '')!r}: expected JSON such as [0.5, 2, 10] or "
+            '{"users": "127.0.0.1:50051"}'
         ) from exc
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            name = _variable_name(error["loc"])
+            name = _variable_name(error["loc"], prefix)
+            if not error["loc"]:
+                problems.append(f"invalid {name}: {error['msg'].removeprefix('Value error, ')}")
+                continue
             value = error.get("input")
             if len(error["loc"]) > 1:
                 # An element of a list setting: show the whole value as it was set.
                 value = os.environ.get(name, value)
             if name in _URL_VARIABLES and isinstance(value, str):
                 value = redact_url(value)
+            if any(word in name for word in _SECRET_WORDS):
+                value = "***"
             problems.append(f"invalid {name}={value!r}: {error['msg']}")
         raise ConfigurationError("; ".join(dict.fromkeys(problems))) from exc

@@ -34,6 +34,7 @@ from sqlalchemy import MetaData, Table
 
 from observability.logging import configure_logging, redact_url
 from observability.tracing import configure_tracing, shutdown_tracing
+from services.runtime.clients import server_credentials
 from services.runtime.config import Settings, load_settings
 from services.runtime.consumer import (
     ConsumerSettings,
@@ -179,8 +180,12 @@ class Service:
             self.server,
         )
         address = f"{self.settings.host}:{self.settings.port_of(self.spec.name)}"
+        credentials = server_credentials(self.settings)
         try:
-            self.port = self.server.add_insecure_port(address)
+            if credentials is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, credentials)
         except RuntimeError as exc:
             raise ConfigurationError(
                 f"cannot listen on {address}: the port is in use or not allowed; set "

@@ -1,0 +1,226 @@
+"""aiohttp middlewares of the gateway, outermost first.
+
+    tracing         SERVER span from the client's traceparent, access log
+    errors          any exception becomes a google.rpc.Status JSON body
+    header_limit    431 for oversized headers
+    cors            preflights answered here; allow-origin added to responses
+    guard           bearer token, scopes, rate limit for routes that need them
+
+opentelemetry-instrumentation-aiohttp-server is not used: it is not
+published for the instrumentation release this project pins, and the span
+here is a dozen lines that also name the route template and the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from gateway.auth import Authenticator, AuthError, Caller, require_scopes
+from gateway.cors import CorsPolicy
+from gateway.errors import error_response
+from gateway.ratelimit import TokenBuckets, retry_after_header
+from observability.propagation import extract_context
+
+logger = logging.getLogger("gateway.http")
+_tracer = trace.get_tracer("tidings.gateway")
+_traceparent = TraceContextTextMapPropagator()
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Keys the middlewares leave on the request for the handlers after them.
+CALLER = web.RequestKey("caller", Caller)
+
+
+@dataclass(frozen=True)
+class Protected:
+    """What a route demands of its caller: a template to name it and a scope."""
+
+    template: str
+    scope: str
+
+
+# Routes not listed here (health, API documents) are open to anyone.
+PROTECTED = web.AppKey("protected", dict[tuple[str, str], Protected])
+
+
+def _route_template(request: web.Request) -> str | None:
+    protected = request.app[PROTECTED].get(_route_key(request))
+    if protected is not None:
+        return protected.template
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else None
+
+
+def _route_key(request: web.Request) -> tuple[str, str]:
+    resource = request.match_info.route.resource
+    return request.method, resource.canonical if resource is not None else ""
+
+
+@web.middleware
+async def tracing(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Start the SERVER span of the request, continuing a valid client traceparent."""
+    template = _route_template(request)
+    name = f"{request.method} {template}" if template else request.method
+    started = time.perf_counter()
+    with _tracer.start_as_current_span(
+        name,
+        context=extract_context(request.headers),
+        kind=SpanKind.SERVER,
+        attributes={
+            "http.request.method": request.method,
+            "url.path": request.path,
+            "url.scheme": request.scheme,
+            **({"http.route": template} if template else {}),
+        },
+    ) as span:
+        response = await handler(request)
+        span.set_attribute("http.response.status_code", response.status)
+        if response.status >= 500:
+            span.set_status(Status(StatusCode.ERROR))
+        if not response.prepared:
+            # Lets a client (and `tidings demo`) name the trace it started.
+            carrier: dict[str, str] = {}
+            _traceparent.inject(carrier)
+            response.headers.update(carrier)
+        caller = request.get(CALLER)
+        logger.info(
+            "request",
+            extra={
+                "method": request.method,
+                "route": template,
+                "status": response.status,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                "subject": caller.subject if caller else None,
+            },
+        )
+        return response
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn aiohttp's HTTP errors and unexpected exceptions into google.rpc.Status bodies."""
+    try:
+        return await handler(request)
+    except web.HTTPRequestEntityTooLarge as exc:
+        return error_response(
+            413,
+            f"request body is larger than {exc.max_size} bytes; send a smaller body",
+            reason="BODY_TOO_LARGE",
+        )
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return error_response(
+            405,
+            f"{request.method} is not allowed on {request.path}; allowed: {allowed}",
+            reason="METHOD_NOT_ALLOWED",
+            headers={"Allow": allowed},
+        )
+    except web.HTTPNotFound:
+        return error_response(
+            404, f"no route for {request.method} {request.path}; see /openapi.json", reason="NO_ROUTE"
+        )
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(exc.status, exc.reason, reason="HTTP_ERROR")
+    except Exception:
+        logger.exception("request failed", extra={"method": request.method, "path": request.path})
+        return error_response(500, "the gateway failed to handle the request", reason="INTERNAL")
+
+
+def header_limit(max_bytes: int) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """Return a middleware answering 431 when the request headers exceed max_bytes in total."""
+
+    @web.middleware
+    async def limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+        size = sum(len(name) + len(value) + 4 for name, value in request.raw_headers)
+        if size > max_bytes:
+            return error_response(
+                431,
+                f"request headers total {size} bytes, more than the {max_bytes} allowed; send fewer or "
+                "shorter headers",
+                reason="HEADERS_TOO_LARGE",
+            )
+        return await handler(request)
+
+    return limit
+
+
+def cors(policy: CorsPolicy) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """Return a middleware that answers preflights and adds CORS headers to responses."""
+
+    @web.middleware
+    async def apply(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if policy.is_preflight(request.method, request.headers):
+            status, headers = policy.preflight(
+                origin,
+                request.headers.get("Access-Control-Request-Method"),
+                request.headers.get("Access-Control-Request-Headers"),
+            )
+            if status >= 400:
+                return error_response(
+                    status,
+                    f"cross-origin request from {origin!r} is not allowed; ask for it to be added to "
+                    "TIDINGS_GATEWAY_CORS_ORIGINS",
+                    reason="CORS_REJECTED",
+                    headers=headers,
+                )
+            return web.Response(status=status, headers=headers)
+
+        response = await handler(request)
+        if not response.prepared:
+            response.headers.update(policy.response_headers(origin))
+        return response
+
+    return apply
+
+
+def guard(
+    authenticator: Authenticator | None, buckets: TokenBuckets
+) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """Return a middleware that authenticates, checks scopes and rate-limits protected routes.
+
+    With authenticator None (auth turned off for local tests) every caller is
+    anonymous with every scope, and the limit applies per client address.
+    """
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        protected = request.app[PROTECTED].get(_route_key(request))
+        if protected is None:
+            return await handler(request)
+
+        if authenticator is not None:
+            try:
+                caller = authenticator.authenticate(request.headers.get("Authorization"))
+                require_scopes(caller, [protected.scope])
+            except AuthError as exc:
+                headers = {"WWW-Authenticate": 'Bearer realm="tidings"'} if exc.http_status == 401 else None
+                return error_response(exc.http_status, str(exc), reason=exc.reason, headers=headers)
+            request[CALLER] = caller
+            key = (caller.subject, request.method, protected.template)
+        else:
+            key = (f"address:{request.remote}", request.method, protected.template)
+
+        wait = buckets.take(key)
+        if wait > 0:
+            return error_response(
+                429,
+                f"rate limit of {request.method} {protected.template} reached; retry after "
+                f"{math.ceil(wait)} s",
+                reason="RATE_LIMITED",
+                headers={"Retry-After": retry_after_header(wait)},
+            )
+        return await handler(request)
+
+    return check

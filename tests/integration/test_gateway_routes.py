@@ -1,0 +1,187 @@
+"""Every REST route of the gateway against the real services over real HTTP."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from services.runtime.config import Settings
+from tests.helpers import wait_for
+from tests.integration.gateway_fixtures import Api, gateway_settings, running_gateway, running_system
+
+
+@pytest.fixture
+async def api(settings: Settings) -> AsyncIterator[Api]:
+    async with running_system(settings), running_gateway(settings, gateway_settings()) as (_, client):
+        yield client
+
+
+async def create_user(api: Api, email: str = "ada@example.com") -> dict[str, Any]:
+    status, body, _ = await api.call("POST", "/v1/users", json={"email": email, "displayName": "Ada"})
+    assert status == 200, body
+    return body["user"]
+
+
+async def create_product(api: Api, stock: int = 5, price: int = 250) -> dict[str, Any]:
+    status, body, _ = await api.call(
+        "POST", "/v1/products", json={"name": "Lamp", "priceCents": str(price), "stock": stock}
+    )
+    assert status == 200, body
+    return body["product"]
+
+
+async def test_gateway_create_user_returns_camel_case_json(api: Api) -> None:
+    user = await create_user(api)
+
+    assert user["displayName"] == "Ada"
+
+
+async def test_gateway_create_user_int64_is_a_string(api: Api) -> None:
+    user = await create_user(api)
+
+    assert user["revision"] == "1"
+
+
+async def test_gateway_create_user_timestamp_is_rfc3339(api: Api) -> None:
+    user = await create_user(api)
+
+    assert user["createTime"].endswith("Z")
+
+
+async def test_gateway_get_user(api: Api) -> None:
+    user = await create_user(api)
+
+    status, body, _ = await api.call("GET", f"/v1/users/{user['id']}")
+
+    assert (status, body["user"]["email"]) == (200, "ada@example.com")
+
+
+async def test_gateway_list_users_pages_with_query_parameters(api: Api) -> None:
+    for index in range(3):
+        await create_user(api, f"user{index}@example.com")
+
+    _, first, _ = await api.call("GET", "/v1/users?pageSize=2")
+    _, second, _ = await api.call("GET", f"/v1/users?pageSize=2&pageToken={first['nextPageToken']}")
+
+    assert [u["email"] for u in first["users"] + second["users"]] == [
+        "user0@example.com", "user1@example.com", "user2@example.com",
+    ]
+
+
+async def test_gateway_update_user_applies_the_field_mask(api: Api) -> None:
+    user = await create_user(api)
+
+    status, body, _ = await api.call(
+        "PATCH", f"/v1/users/{user['id']}?updateMask=displayName", json={"displayName": "Ada L."}
+    )
+
+    assert (status, body["user"]["displayName"]) == (200, "Ada L.")
+
+
+async def test_gateway_delete_user_then_get_is_404(api: Api) -> None:
+    user = await create_user(api)
+
+    await api.call("DELETE", f"/v1/users/{user['id']}")
+    status, body, _ = await api.call("GET", f"/v1/users/{user['id']}")
+
+    assert (status, body["code"]) == (404, 5)
+
+
+async def test_gateway_create_user_retry_with_request_id_returns_the_same_user(api: Api) -> None:
+    key = str(uuid.uuid4())
+    payload = {"email": "grace@example.com", "displayName": "Grace"}
+
+    _, first, _ = await api.call("POST", f"/v1/users?requestId={key}", json=payload)
+    _, second, _ = await api.call("POST", f"/v1/users?requestId={key}", json=payload)
+
+    assert first["user"]["id"] == second["user"]["id"]
+
+
+async def test_gateway_duplicate_email_is_409_with_the_service_status(api: Api) -> None:
+    await create_user(api)
+
+    status, body, _ = await api.call("POST", "/v1/users", json={"email": "ada@example.com", "displayName": "A"})
+
+    assert (status, body["code"]) == (409, 6)
+
+
+async def test_gateway_service_field_violations_reach_the_client(api: Api) -> None:
+    status, body, _ = await api.call("POST", "/v1/users", json={"email": "not-an-email", "displayName": "A"})
+
+    violations = [
+        v["field"] for d in body["details"] if d["@type"].endswith("BadRequest") for v in d["fieldViolations"]
+    ]
+    assert (status, violations) == (400, ["user.email"])
+
+
+async def test_gateway_product_routes(api: Api) -> None:
+    product = await create_product(api)
+
+    _, got, _ = await api.call("GET", f"/v1/products/{product['id']}")
+    _, listed, _ = await api.call("GET", "/v1/products")
+    _, updated, _ = await api.call(
+        "PATCH", f"/v1/products/{product['id']}?updateMask=stock", json={"stock": "9"}
+    )
+
+    assert (got["product"]["name"], len(listed["products"]), updated["product"]["stock"]) == ("Lamp", 1, "9")
+
+
+async def test_gateway_wallet_routes(api: Api) -> None:
+    user = await create_user(api)
+
+    status, topped, _ = await api.call(
+        "POST", f"/v1/users/{user['id']}/wallet:topUp", json={"amountCents": "1000"}
+    )
+    _, wallet, _ = await api.call("GET", f"/v1/users/{user['id']}/wallet")
+
+    assert (status, topped["wallet"]["balanceCents"], wallet["wallet"]["balanceCents"]) == (200, "1000", "1000")
+
+
+async def test_gateway_order_routes_through_the_saga(api: Api) -> None:
+    user = await create_user(api)
+    product = await create_product(api, stock=5, price=250)
+    await api.call("POST", f"/v1/users/{user['id']}/wallet:topUp", json={"amountCents": "1000"})
+
+    status, placed, _ = await api.call(
+        "POST", "/v1/orders",
+        json={"userId": user["id"], "lineItems": [{"productId": product["id"], "quantity": 2}]},
+    )
+    order_id = placed["order"]["id"]
+
+    async def confirmed() -> dict[str, Any] | None:
+        _, body, _ = await api.call("GET", f"/v1/orders/{order_id}")
+        return body["order"] if body["order"]["state"] == "ORDER_STATE_CONFIRMED" else None
+
+    order = await wait_for(confirmed, timeout=20)
+    _, listed, _ = await api.call("GET", f"/v1/users/{user['id']}/orders")
+    _, reservation, _ = await api.call("GET", f"/v1/orders/{order_id}/reservation")
+    _, payment, _ = await api.call("GET", f"/v1/orders/{order_id}/payment")
+
+    assert (status, order["totalCents"], [o["id"] for o in listed["orders"]],
+            reservation["reservation"]["totalCents"], payment["payment"]["amountCents"]) == (
+        200, "500", [order_id], "500", "500",
+    )
+
+
+async def test_gateway_cancel_order_and_notifications(api: Api) -> None:
+    user = await create_user(api)
+    product = await create_product(api)
+    await api.call("POST", f"/v1/users/{user['id']}/wallet:topUp", json={"amountCents": "1000"})
+    _, placed, _ = await api.call(
+        "POST", "/v1/orders",
+        json={"userId": user["id"], "lineItems": [{"productId": product["id"], "quantity": 1}]},
+    )
+    order_id = placed["order"]["id"]
+
+    status, cancelled, _ = await api.call("POST", f"/v1/orders/{order_id}:cancel", json={})
+
+    async def notified() -> list[dict[str, Any]] | None:
+        _, body, _ = await api.call("GET", f"/v1/users/{user['id']}/notifications")
+        kinds = [n["kind"] for n in body["notifications"]]
+        return body["notifications"] if "NOTIFICATION_KIND_ORDER_CANCELLED" in kinds else None
+
+    await wait_for(notified, timeout=20)
+    assert (status, cancelled["order"]["state"]) == (200, "ORDER_STATE_CANCELLED")

@@ -138,6 +138,8 @@ class Gateway:
             message = build_request(route, request.match_info, request.query, body)
             timeout = self._timeout(request)
         except RequestError as exc:
+            if exc.field == "Content-Type":
+                return error_response(415, f"invalid request: {exc}", reason="UNSUPPORTED_MEDIA_TYPE")
             return error_response(
                 400, f"invalid request: {exc}", reason="INVALID_ARGUMENT", details=[exc.violation()]
             )

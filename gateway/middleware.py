@@ -205,8 +205,10 @@ def guard(
                 caller = authenticator.authenticate(request.headers.get("Authorization"))
                 require_scopes(caller, [protected.scope])
             except AuthError as exc:
-                headers = {"WWW-Authenticate": 'Bearer realm="tidings"'} if exc.http_status == 401 else None
-                return error_response(exc.http_status, str(exc), reason=exc.reason, headers=headers)
+                return error_response(
+                    exc.http_status, exc.message, reason=exc.reason,
+                    headers={"WWW-Authenticate": exc.www_authenticate},
+                )
             request[CALLER] = caller
             key = (caller.subject, request.method, protected.template)
         else:

@@ -129,6 +129,13 @@ class Settings(BaseSettings):
                 raise ValueError("expected nats://host:port (comma-separated for several)")
         return value
 
+    @field_validator("identity_secret")
+    @classmethod
+    def _check_identity_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().encode()) < 32:
+            raise ValueError("must be at least 32 bytes; generate one with `openssl rand -base64 32`")
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _check_log_level(cls, value: str) -> str:

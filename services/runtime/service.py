@@ -32,6 +32,7 @@ from nats.aio.client import Client as NATS
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from sqlalchemy import MetaData, Table
 
+from gateway.identity import IdentityInterceptor
 from observability.logging import configure_logging, redact_url
 from observability.tracing import configure_tracing, shutdown_tracing
 from services.runtime.clients import server_credentials
@@ -135,8 +136,9 @@ class Service:
         self.settings = settings
         self.runtime = Runtime(spec, settings)
         self.health = HealthServicer()
+        secret = settings.identity_secret.get_secret_value() if settings.identity_secret else None
         self.server = grpc.aio.server(
-            interceptors=[aio_server_interceptor(), ErrorMappingInterceptor()]
+            interceptors=[aio_server_interceptor(), IdentityInterceptor(secret), ErrorMappingInterceptor()]
         )
         self.stopping = asyncio.Event()
         self.relay: OutboxRelay | None = None

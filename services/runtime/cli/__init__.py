@@ -1,4 +1,4 @@
-"""The `tidings` command: up, demo, events tail, dlq, chaos, bench."""
+"""The `tidings` command: up, token, demo, events tail, dlq, chaos, bench."""
 
 from __future__ import annotations
 
@@ -46,6 +46,19 @@ def _parser() -> argparse.ArgumentParser:
         help="start N clustered nats-servers on loopback instead of one (streams get "
         "min(N, 3) replicas unless TIDINGS_STREAM_REPLICAS is set)",
     )
+
+    up.add_argument("--no-gateway", action="store_true", help="start the services without the gateway")
+
+    token = commands.add_parser(
+        "token", help="print a bearer token for the gateway of a local `tidings up` (HS256)"
+    )
+    token.add_argument("--subject", default="developer", help="the token's sub claim (default developer)")
+    token.add_argument(
+        "--scope", action="append", default=None,
+        help="a scope to grant, such as orders:write; repeat for several (default: every scope)",
+    )
+    token.add_argument("--lifetime", type=_positive_int, default=3600,
+                       help="seconds until the token expires (default 3600)")
 
     demo = commands.add_parser("demo", help="drive a scenario through a running system")
     demo.add_argument(
@@ -117,7 +130,13 @@ async def _dispatch(options: argparse.Namespace, settings: object) -> int:
     if options.command == "up":
         from services.runtime.cli.supervisor import Supervisor
 
-        return await Supervisor(settings, nats_cluster=options.nats_cluster).run()
+        return await Supervisor(
+            settings, nats_cluster=options.nats_cluster, gateway=not options.no_gateway
+        ).run()
+    if options.command == "token":
+        from services.runtime.cli.token import print_token
+
+        return print_token(settings, options.subject, options.scope, options.lifetime)
     if options.command == "demo":
         from services.runtime.cli.demo import run_demo
 

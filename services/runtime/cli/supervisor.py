@@ -1,4 +1,4 @@
-"""`tidings up`: run NATS, every service and (later) the gateway as separate processes."""
+"""`tidings up`: run NATS, every service and the gateway as separate processes."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -28,8 +30,16 @@ from services.runtime.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
-# Services started by `tidings up`, in start order.
+# Services started by `tidings up`, in start order; the gateway comes last.
 SERVICES = ("users", "inventory", "payments", "orders", "notifications")
+GATEWAY = "gateway"
+
+# Settings that give the gateway a key to check tokens with; without any,
+# `tidings up` makes a local HS256 secret so that `tidings token` can mint.
+_JWT_KEY_VARIABLES = (
+    "TIDINGS_GATEWAY_JWT_HS256_SECRET", "TIDINGS_GATEWAY_JWT_PUBLIC_KEY_FILE",
+    "TIDINGS_GATEWAY_JWT_JWKS_FILE",
+)
 
 READY_TIMEOUT = 60.0
 
@@ -47,10 +57,15 @@ class Supervisor:
     """Starts the system, reports when it is ready and stops it on a signal."""
 
     def __init__(
-        self, settings: Settings, services: tuple[str, ...] = SERVICES, nats_cluster: int = 1
+        self,
+        settings: Settings,
+        services: tuple[str, ...] = SERVICES,
+        nats_cluster: int = 1,
+        gateway: bool = True,
     ) -> None:
         self.settings = settings
         self.services = services
+        self.gateway = gateway
         self.nats_cluster = nats_cluster
         self.nats: EmbeddedNats | EmbeddedCluster | None = None
         self._child_settings: dict[str, str] = {}
@@ -65,9 +80,12 @@ class Supervisor:
 
         try:
             self._check_ports()
+            self._prepare_secrets()
             nats_url = self._start_nats()
             for name in self.services:
                 await self._start_service(name, nats_url)
+            if self.gateway:
+                await self._start_service(GATEWAY, nats_url)
             if not await self._wait_until_ready():
                 return 1
             self._print_ready(nats_url)
@@ -76,13 +94,22 @@ class Supervisor:
             await self._stop_all()
 
     def _check_ports(self) -> None:
-        for name in self.services:
+        for name in (*self.services, *([GATEWAY] if self.gateway else [])):
             port = self.settings.port_of(name)
             if port_in_use(port, self.settings.host):
                 raise ConfigurationError(
                     f"port {port} for {name} is in use; stop what listens there or set "
                     f"TIDINGS_{name.upper()}_PORT to a free port"
                 )
+
+    def _prepare_secrets(self) -> None:
+        """Give the processes a shared identity secret and the gateway a token key."""
+        if "TIDINGS_IDENTITY_SECRET" not in os.environ:
+            self._child_settings["TIDINGS_IDENTITY_SECRET"] = local_secret(self.settings, "identity")
+        if self.gateway and not any(name in os.environ for name in _JWT_KEY_VARIABLES):
+            self._child_settings["TIDINGS_GATEWAY_JWT_HS256_SECRET"] = local_secret(self.settings, "jwt")
+            print("the gateway checks tokens with a local HS256 secret; get one with `tidings token`",
+                  flush=True)
 
     def _start_nats(self) -> str:
         if "NATS_URL" in os.environ:
@@ -134,8 +161,9 @@ class Supervisor:
             "NATS_URL": nats_url,
             "TIDINGS_DATA_DIR": str(self.settings.data_dir.resolve()),
         }
+        module = "gateway.main" if name == GATEWAY else f"services.{name}.main"
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", f"services.{name}.main",
+            sys.executable, "-m", module,
             env=environment, stdin=asyncio.subprocess.DEVNULL, **child_process_options(),
         )
         address = self.settings.address_of(name)
@@ -143,7 +171,14 @@ class Supervisor:
         print(f"started {name} (pid {process.pid}) on {address}", flush=True)
 
     async def _wait_until_ready(self) -> bool:
-        checks = [asyncio.create_task(wait_until_serving(child.address)) for child in self.children]
+        checks = [
+            asyncio.create_task(
+                wait_until_http_ok(f"http://{child.address}/healthz")
+                if child.name == GATEWAY
+                else wait_until_serving(child.address)
+            )
+            for child in self.children
+        ]
         exits = [asyncio.create_task(child.process.wait()) for child in self.children]
         stop = asyncio.create_task(self.stopping.wait())
         try:
@@ -169,7 +204,10 @@ class Supervisor:
             ready.add_done_callback(lambda future: future.cancelled() or future.exception())
 
     def _print_ready(self, nats_url: str) -> None:
-        lines = [f"  {child.name:<14} grpc {child.address}" for child in self.children]
+        lines = [
+            f"  {child.name:<14} {'http' if child.name == GATEWAY else 'grpc'} {child.address}"
+            for child in self.children
+        ]
         print("tidings is ready:", *lines, f"  {'nats':<14} {redact_url(nats_url)}",
               "press Ctrl-C to stop", sep="\n", flush=True)
 
@@ -216,6 +254,30 @@ class Supervisor:
 def nats_url_file(settings: Settings) -> Path:
     """Return the file where `tidings up` records the URL of the nats-server it started."""
     return settings.data_dir.resolve() / "nats.url"
+
+
+def local_secret(settings: Settings, name: str) -> str:
+    """Return the secret stored as data/secrets/<name>, creating it (mode 0600) the first time."""
+    path = settings.data_dir.resolve() / "secrets" / name
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    secret = secrets.token_urlsafe(32)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(secret)
+    return secret
+
+
+async def wait_until_http_ok(url: str, timeout: float | None = None) -> None:
+    """Poll url until it answers 200."""
+    async with aiohttp.ClientSession() as session, asyncio.timeout(timeout):
+        while True:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with session.get(url, timeout=aiohttp.ClientTimeout(total=1.0)) as reply:
+                    if reply.status == 200:
+                        return
+            await asyncio.sleep(0.1)
 
 
 def discover_nats_url(settings: Settings) -> str:

@@ -121,6 +121,7 @@ class Gateway:
             protected[("GET", "/v1/events")] = middleware.Protected("/v1/events", EVENTS_SCOPE)
         app.router.add_get("/healthz", self._healthz)
         app[middleware.PROTECTED] = protected
+        app[middleware.MAX_BODY_BYTES] = self.settings.max_body_bytes
         app.on_shutdown.append(self._on_shutdown)
         return app
 

@@ -48,6 +48,8 @@ class Protected:
     scope: str
 
 
+MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
+
 # Routes not listed here (health, API documents) are open to anyone.
 PROTECTED = web.AppKey("protected", dict[tuple[str, str], Protected])
 
@@ -110,10 +112,10 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn aiohttp's HTTP errors and unexpected exceptions into google.rpc.Status bodies."""
     try:
         return await handler(request)
-    except web.HTTPRequestEntityTooLarge as exc:
+    except web.HTTPRequestEntityTooLarge:
         return error_response(
             413,
-            f"request body is larger than {exc.max_size} bytes; send a smaller body",
+            f"request body is larger than {request.app[MAX_BODY_BYTES]} bytes; send a smaller body",
             reason="BODY_TOO_LARGE",
         )
     except web.HTTPMethodNotAllowed as exc:

@@ -71,7 +71,8 @@ class Api:
         chosen = self.bearer if bearer == "default" else bearer
         if chosen is not None:
             sent["Authorization"] = f"Bearer {chosen}"
-        async with self.session.request(method, self.base + path, json=json, data=data, headers=sent) as reply:
+        url = self.base + path
+        async with self.session.request(method, url, json=json, data=data, headers=sent) as reply:
             text = await reply.text()
             body: Any = text
             if reply.content_type == "application/json":

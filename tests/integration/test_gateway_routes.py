@@ -103,7 +103,9 @@ async def test_gateway_create_user_retry_with_request_id_returns_the_same_user(a
 async def test_gateway_duplicate_email_is_409_with_the_service_status(api: Api) -> None:
     await create_user(api)
 
-    status, body, _ = await api.call("POST", "/v1/users", json={"email": "ada@example.com", "displayName": "A"})
+    payload = {"email": "ada@example.com", "displayName": "A"}
+
+    status, body, _ = await api.call("POST", "/v1/users", json=payload)
 
     assert (status, body["code"]) == (409, 6)
 
@@ -137,7 +139,8 @@ async def test_gateway_wallet_routes(api: Api) -> None:
     )
     _, wallet, _ = await api.call("GET", f"/v1/users/{user['id']}/wallet")
 
-    assert (status, topped["wallet"]["balanceCents"], wallet["wallet"]["balanceCents"]) == (200, "1000", "1000")
+    balances = (topped["wallet"]["balanceCents"], wallet["wallet"]["balanceCents"])
+    assert (status, balances) == (200, ("1000", "1000"))
 
 
 async def test_gateway_order_routes_through_the_saga(api: Api) -> None:

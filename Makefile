@@ -30,10 +30,12 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python scripts/generate_protos.py --check
+	$(BIN)/python scripts/generate_api_docs.py --check
 	$(BIN)/buf lint
 
 protos: install
 	$(BIN)/python scripts/generate_protos.py
+	$(BIN)/python scripts/generate_api_docs.py
 
 bench: install
 	$(BIN)/tidings bench --calls 2000 --concurrency 32 --output bench/RESULTS.md

@@ -7,6 +7,7 @@ import math
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -23,7 +24,7 @@ from gateway.cors import CorsPolicy
 from gateway.errors import HTTP_STATUS_OF_CODE, error_response, status_response
 from gateway.identity import identity_metadata
 from gateway.ratelimit import TokenBuckets, retry_after_header
-from gateway.routes import Route, load_routes
+from gateway.routes import EVENTS_SCOPE, Route, load_routes
 from gateway.settings import GatewaySettings
 from gateway.transcode import RequestError, build_request, parse_body, response_json
 from services.runtime.config import Settings
@@ -33,7 +34,10 @@ logger = logging.getLogger("gateway.app")
 # Headers passed on to the services as gRPC metadata of the same name.
 FORWARDED_HEADERS = ("x-request-id", "accept-language")
 REQUEST_TIMEOUT_HEADER = "Request-Timeout"
-EVENTS_SCOPE = "events:read"
+
+# The checked-in contract documents (scripts/generate_api_docs.py), served as they are.
+API_DIRECTORY = Path(__file__).parent / "api"
+API_DOCUMENTS = ("openapi.json", "asyncapi.json")
 
 Call = Callable[..., Awaitable[Message]]
 
@@ -71,6 +75,7 @@ class Gateway:
         self.routes = load_routes()
         self.events = events
         self._identity_secret = identity_secret
+        self._documents: dict[str, str] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._calls: dict[Route, Call] = {}
         self.breakers: dict[str, CircuitBreaker] = {}
@@ -120,6 +125,8 @@ class Gateway:
             app.router.add_get("/v1/events", self.events.handle)
             protected[("GET", "/v1/events")] = middleware.Protected("/v1/events", EVENTS_SCOPE)
         app.router.add_get("/healthz", self._healthz)
+        for name in API_DOCUMENTS:
+            app.router.add_get(f"/{name}", self._document)
         app[middleware.PROTECTED] = protected
         app[middleware.MAX_BODY_BYTES] = self.settings.max_body_bytes
         app.on_shutdown.append(self._on_shutdown)
@@ -229,6 +236,13 @@ class Gateway:
         if caller is not None and self._identity_secret:
             metadata.extend(identity_metadata(caller, self._identity_secret))
         return metadata
+
+    async def _document(self, request: web.Request) -> web.Response:
+        name = request.path.lstrip("/")
+        text = self._documents.get(name)
+        if text is None:
+            text = self._documents[name] = (API_DIRECTORY / name).read_text()
+        return web.Response(text=text, content_type="application/json")
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "SERVING"})

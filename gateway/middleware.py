@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -139,7 +140,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(500, "the gateway failed to handle the request", reason="INTERNAL")
 
 
-def header_limit(max_bytes: int) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def header_limit(max_bytes: int) -> Middleware:
     """Return a middleware answering 431 when the request headers exceed max_bytes in total."""
 
     @web.middleware
@@ -157,7 +158,7 @@ def header_limit(max_bytes: int) -> Callable[[web.Request, Handler], Awaitable[w
     return limit
 
 
-def cors(policy: CorsPolicy) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def cors(policy: CorsPolicy) -> Middleware:
     """Return a middleware that answers preflights and adds CORS headers to responses."""
 
     @web.middleware
@@ -189,7 +190,7 @@ def cors(policy: CorsPolicy) -> Callable[[web.Request, Handler], Awaitable[web.S
 
 def guard(
     authenticator: Authenticator | None, buckets: TokenBuckets
-) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+) -> Middleware:
     """Return a middleware that authenticates, checks scopes and rate-limits protected routes.
 
     With authenticator None (auth turned off for local tests) every caller is

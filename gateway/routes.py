@@ -24,6 +24,9 @@ from tidings.orders.v1 import order_service_pb2
 from tidings.payments.v1 import payment_service_pb2
 from tidings.users.v1 import user_service_pb2
 
+# The scope the live event stream (GET /v1/events) requires.
+EVENTS_SCOPE = "events:read"
+
 # The service modules the gateway serves, keyed by the backend (process) name.
 SERVICE_MODULES: dict[str, ModuleType] = {
     "users": user_service_pb2,
@@ -36,7 +39,7 @@ SERVICE_MODULES: dict[str, ModuleType] = {
 _VARIABLE = re.compile(r"^\{(?P<field>[a-z_][a-z0-9_.]*)(?:=(?P<pattern>[^}]*))?\}$")
 
 
-class RouteError(Exception):
+class RouteError(ValueError):
     """A google.api.http rule the gateway cannot serve; raised at start."""
 
 
@@ -55,8 +58,7 @@ class Route:
         grpc_method: ``/package.Service/Method``, as gRPC names it on the wire.
         request_class, response_class: The generated message classes.
         no_side_effects: The method is declared ``NO_SIDE_EFFECTS`` and safe to retry.
-        scope: The scope a caller's token must hold: ``<backend>:read`` for
-            methods without side effects, ``<backend>:write`` otherwise.
+        scope: The scope a caller's token must hold (see required_scope).
     """
 
     http_method: str
@@ -78,9 +80,28 @@ class Route:
         return f"{service.rsplit('.', 1)[-1]}.{method}"
 
 
-def required_scope(backend: str, no_side_effects: bool) -> str:
-    """The scope rule: reads need ``<backend>:read``, everything else ``<backend>:write``."""
-    return f"{backend}:{'read' if no_side_effects else 'write'}"
+def required_scope(method: MethodDescriptor) -> str:
+    """Return the token scope that calling method requires.
+
+    Methods declared ``idempotency_level = NO_SIDE_EFFECTS`` need
+    ``<context>:read``, all others ``<context>:write``. The context is the
+    second segment of the proto package: ``users`` for tidings.users.v1.
+
+    Raises:
+        RouteError: The package is not of the form tidings.<context>.<version>.
+    """
+    package = method.containing_service.file.package
+    segments = package.split(".")
+    if len(segments) != 3 or segments[0] != "tidings":
+        raise RouteError(
+            f"{method.full_name}: package {package!r} is not tidings.<context>.<version>, "
+            "so it has no scope context"
+        )
+    return f"{segments[1]}:{'read' if _has_no_side_effects(method) else 'write'}"
+
+
+def _has_no_side_effects(method: MethodDescriptor) -> bool:
+    return method.GetOptions().idempotency_level == descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS
 
 
 def _http_rule(method: MethodDescriptor) -> http_pb2.HttpRule | None:
@@ -158,9 +179,6 @@ def route_of(backend: str, method: MethodDescriptor) -> Route | None:
     if rule.body not in ("", "*"):
         _check_field_path_message(request_class, rule.body, method)
 
-    no_side_effects = (
-        method.GetOptions().idempotency_level == descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS
-    )
     return Route(
         http_method=verb,
         template=template,
@@ -171,8 +189,8 @@ def route_of(backend: str, method: MethodDescriptor) -> Route | None:
         grpc_method=f"/{method.containing_service.full_name}/{method.name}",
         request_class=request_class,
         response_class=GetMessageClass(method.output_type),
-        no_side_effects=no_side_effects,
-        scope=required_scope(backend, no_side_effects),
+        no_side_effects=_has_no_side_effects(method),
+        scope=required_scope(method),
     )
 
 

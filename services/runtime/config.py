@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, TypeVar, overload
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
@@ -194,7 +194,15 @@ def _variable_name(location: tuple[str | int, ...], prefix: str) -> str:
     return f"{prefix}{field.upper()}"
 
 
-def load_settings(settings_class: type[SettingsT] = Settings) -> SettingsT:  # type: ignore[assignment]
+@overload
+def load_settings() -> Settings: ...
+
+
+@overload
+def load_settings(settings_class: type[SettingsT]) -> SettingsT: ...
+
+
+def load_settings(settings_class: type[BaseSettings] = Settings) -> BaseSettings:
     """Read settings of settings_class (the runtime Settings by default) from the environment.
 
     Raises:

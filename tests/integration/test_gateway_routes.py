@@ -188,3 +188,15 @@ async def test_gateway_cancel_order_and_notifications(api: Api) -> None:
 
     await wait_for(notified, timeout=20)
     assert (status, cancelled["order"]["state"]) == (200, "ORDER_STATE_CANCELLED")
+
+
+async def test_gateway_serves_the_openapi_document_without_a_token(api: Api) -> None:
+    status, body, _ = await api.call("GET", "/openapi.json", bearer=None)
+
+    assert (status, body["openapi"]) == (200, "3.1.0")
+
+
+async def test_gateway_serves_the_asyncapi_document_without_a_token(api: Api) -> None:
+    status, body, _ = await api.call("GET", "/asyncapi.json", bearer=None)
+
+    assert (status, body["asyncapi"]) == (200, "3.0.0")

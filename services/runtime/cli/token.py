@@ -6,9 +6,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from gateway.app import EVENTS_SCOPE
 from gateway.auth import mint_hs256_token
-from gateway.routes import load_routes
+from gateway.routes import EVENTS_SCOPE, load_routes
 from services.runtime.config import Settings
 
 

@@ -22,22 +22,29 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from tidings.events.v1 import options_pb2 as tidings_dot_events_dot_v1_dot_options__pb2
 from tidings.inventory.v1 import product_pb2 as tidings_dot_inventory_dot_v1_dot_product__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+tidings/inventory/v1/inventory_events.proto\x12\x14tidings.inventory.v1\x1a\"tidings/inventory/v1/product.proto\"G\n\rStockReserved\x12\x36\n\x0breservation\x18\x01 \x01(\x0b\x32!.tidings.inventory.v1.Reservation\"m\n\rStockRejected\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12:\n\x06reason\x18\x02 \x01(\x0e\x32*.tidings.inventory.v1.StockRejectionReason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"G\n\rStockReleased\x12\x36\n\x0breservation\x18\x01 \x01(\x0b\x32!.tidings.inventory.v1.Reservation*\xc2\x01\n\x14StockRejectionReason\x12&\n\"STOCK_REJECTION_REASON_UNSPECIFIED\x10\x00\x12-\n)STOCK_REJECTION_REASON_INSUFFICIENT_STOCK\x10\x01\x12*\n&STOCK_REJECTION_REASON_UNKNOWN_PRODUCT\x10\x02\x12\'\n#STOCK_REJECTION_REASON_ORDER_CLOSED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+tidings/inventory/v1/inventory_events.proto\x12\x14tidings.inventory.v1\x1a\x1ftidings/events/v1/options.proto\x1a\"tidings/inventory/v1/product.proto\"m\n\rStockReserved\x12\x36\n\x0breservation\x18\x01 \x01(\x0b\x32!.tidings.inventory.v1.Reservation:$\xaa\xed\x18 tidings.inventory.stock.reserved\"\x93\x01\n\rStockRejected\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12:\n\x06reason\x18\x02 \x01(\x0e\x32*.tidings.inventory.v1.StockRejectionReason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t:$\xaa\xed\x18 tidings.inventory.stock.rejected\"m\n\rStockReleased\x12\x36\n\x0breservation\x18\x01 \x01(\x0b\x32!.tidings.inventory.v1.Reservation:$\xaa\xed\x18 tidings.inventory.stock.released*\xc2\x01\n\x14StockRejectionReason\x12&\n\"STOCK_REJECTION_REASON_UNSPECIFIED\x10\x00\x12-\n)STOCK_REJECTION_REASON_INSUFFICIENT_STOCK\x10\x01\x12*\n&STOCK_REJECTION_REASON_UNKNOWN_PRODUCT\x10\x02\x12\'\n#STOCK_REJECTION_REASON_ORDER_CLOSED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tidings.inventory.v1.inventory_events_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STOCKREJECTIONREASON']._serialized_start=363
-  _globals['_STOCKREJECTIONREASON']._serialized_end=557
-  _globals['_STOCKRESERVED']._serialized_start=105
-  _globals['_STOCKRESERVED']._serialized_end=176
-  _globals['_STOCKREJECTED']._serialized_start=178
-  _globals['_STOCKREJECTED']._serialized_end=287
-  _globals['_STOCKRELEASED']._serialized_start=289
-  _globals['_STOCKRELEASED']._serialized_end=360
+  _globals['_STOCKRESERVED']._loaded_options = None
+  _globals['_STOCKRESERVED']._serialized_options = b'\252\355\030 tidings.inventory.stock.reserved'
+  _globals['_STOCKREJECTED']._loaded_options = None
+  _globals['_STOCKREJECTED']._serialized_options = b'\252\355\030 tidings.inventory.stock.rejected'
+  _globals['_STOCKRELEASED']._loaded_options = None
+  _globals['_STOCKRELEASED']._serialized_options = b'\252\355\030 tidings.inventory.stock.released'
+  _globals['_STOCKREJECTIONREASON']._serialized_start=511
+  _globals['_STOCKREJECTIONREASON']._serialized_end=705
+  _globals['_STOCKRESERVED']._serialized_start=138
+  _globals['_STOCKRESERVED']._serialized_end=247
+  _globals['_STOCKREJECTED']._serialized_start=250
+  _globals['_STOCKREJECTED']._serialized_end=397
+  _globals['_STOCKRELEASED']._serialized_start=399
+  _globals['_STOCKRELEASED']._serialized_end=508
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from tidings.events.v1 import options_pb2 as _options_pb2
 from tidings.inventory.v1 import product_pb2 as _product_pb2
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor

@@ -22,24 +22,35 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from tidings.events.v1 import options_pb2 as tidings_dot_events_dot_v1_dot_options__pb2
 from tidings.orders.v1 import order_pb2 as tidings_dot_orders_dot_v1_dot_order__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$tidings/orders/v1/order_events.proto\x12\x11tidings.orders.v1\x1a\x1dtidings/orders/v1/order.proto\"6\n\x0bOrderPlaced\x12\'\n\x05order\x18\x01 \x01(\x0b\x32\x18.tidings.orders.v1.Order\"K\n\x10PaymentRequested\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x14\n\x0c\x61mount_cents\x18\x03 \x01(\x03\"9\n\x0eOrderConfirmed\x12\'\n\x05order\x18\x01 \x01(\x0b\x32\x18.tidings.orders.v1.Order\"8\n\rOrderRejected\x12\'\n\x05order\x18\x01 \x01(\x0b\x32\x18.tidings.orders.v1.Order\"9\n\x0eOrderCancelled\x12\'\n\x05order\x18\x01 \x01(\x0b\x32\x18.tidings.orders.v1.Orderb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$tidings/orders/v1/order_events.proto\x12\x11tidings.orders.v1\x1a\x1ftidings/events/v1/options.proto\x1a\x1dtidings/orders/v1/order.proto\"W\n\x0bOrderPlaced\x12\'\n\x05order\x18\x01 \x01(\x0b\x32\x18.tidings.orders.v1.Order:\x1f\xaa\xed\x18\x1btidings.orders.order.placed\"q\n\x10PaymentRequested\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x14\n\x0c\x61mount_cents\x18\x03 \x01(\x03:$\xaa\xed\x18 tidings.orders.payment.requested\"]\n\x0eOrderConfirmed\x12\'\n\x05order\x18\x01 \x01(\x0b\x32\x18.tidings.orders.v1.Order:\"\xaa\xed\x18\x1etidings.orders.order.confirmed\"[\n\rOrderRejected\x12\'\n\x05order\x18\x01 \x01(\x0b\x32\x18.tidings.orders.v1.Order:!\xaa\xed\x18\x1dtidings.orders.order.rejected\"]\n\x0eOrderCancelled\x12\'\n\x05order\x18\x01 \x01(\x0b\x32\x18.tidings.orders.v1.Order:\"\xaa\xed\x18\x1etidings.orders.order.cancelledb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tidings.orders.v1.order_events_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ORDERPLACED']._serialized_start=90
-  _globals['_ORDERPLACED']._serialized_end=144
-  _globals['_PAYMENTREQUESTED']._serialized_start=146
-  _globals['_PAYMENTREQUESTED']._serialized_end=221
-  _globals['_ORDERCONFIRMED']._serialized_start=223
-  _globals['_ORDERCONFIRMED']._serialized_end=280
-  _globals['_ORDERREJECTED']._serialized_start=282
-  _globals['_ORDERREJECTED']._serialized_end=338
-  _globals['_ORDERCANCELLED']._serialized_start=340
-  _globals['_ORDERCANCELLED']._serialized_end=397
+  _globals['_ORDERPLACED']._loaded_options = None
+  _globals['_ORDERPLACED']._serialized_options = b'\252\355\030\033tidings.orders.order.placed'
+  _globals['_PAYMENTREQUESTED']._loaded_options = None
+  _globals['_PAYMENTREQUESTED']._serialized_options = b'\252\355\030 tidings.orders.payment.requested'
+  _globals['_ORDERCONFIRMED']._loaded_options = None
+  _globals['_ORDERCONFIRMED']._serialized_options = b'\252\355\030\036tidings.orders.order.confirmed'
+  _globals['_ORDERREJECTED']._loaded_options = None
+  _globals['_ORDERREJECTED']._serialized_options = b'\252\355\030\035tidings.orders.order.rejected'
+  _globals['_ORDERCANCELLED']._loaded_options = None
+  _globals['_ORDERCANCELLED']._serialized_options = b'\252\355\030\036tidings.orders.order.cancelled'
+  _globals['_ORDERPLACED']._serialized_start=123
+  _globals['_ORDERPLACED']._serialized_end=210
+  _globals['_PAYMENTREQUESTED']._serialized_start=212
+  _globals['_PAYMENTREQUESTED']._serialized_end=325
+  _globals['_ORDERCONFIRMED']._serialized_start=327
+  _globals['_ORDERCONFIRMED']._serialized_end=420
+  _globals['_ORDERREJECTED']._serialized_start=422
+  _globals['_ORDERREJECTED']._serialized_end=513
+  _globals['_ORDERCANCELLED']._serialized_start=515
+  _globals['_ORDERCANCELLED']._serialized_end=608
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from tidings.events.v1 import options_pb2 as _options_pb2
 from tidings.orders.v1 import order_pb2 as _order_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message

@@ -22,20 +22,27 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from tidings.events.v1 import options_pb2 as tidings_dot_events_dot_v1_dot_options__pb2
 from tidings.payments.v1 import payment_pb2 as tidings_dot_payments_dot_v1_dot_payment__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(tidings/payments/v1/payment_events.proto\x12\x13tidings.payments.v1\x1a!tidings/payments/v1/payment.proto\"@\n\x0fPaymentCaptured\x12-\n\x07payment\x18\x01 \x01(\x0b\x32\x1c.tidings.payments.v1.Payment\"W\n\x0fPaymentDeclined\x12-\n\x07payment\x18\x01 \x01(\x0b\x32\x1c.tidings.payments.v1.Payment\x12\x15\n\rbalance_cents\x18\x02 \x01(\x03\"@\n\x0fPaymentRefunded\x12-\n\x07payment\x18\x01 \x01(\x0b\x32\x1c.tidings.payments.v1.Paymentb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(tidings/payments/v1/payment_events.proto\x12\x13tidings.payments.v1\x1a\x1ftidings/events/v1/options.proto\x1a!tidings/payments/v1/payment.proto\"g\n\x0fPaymentCaptured\x12-\n\x07payment\x18\x01 \x01(\x0b\x32\x1c.tidings.payments.v1.Payment:%\xaa\xed\x18!tidings.payments.payment.captured\"~\n\x0fPaymentDeclined\x12-\n\x07payment\x18\x01 \x01(\x0b\x32\x1c.tidings.payments.v1.Payment\x12\x15\n\rbalance_cents\x18\x02 \x01(\x03:%\xaa\xed\x18!tidings.payments.payment.declined\"g\n\x0fPaymentRefunded\x12-\n\x07payment\x18\x01 \x01(\x0b\x32\x1c.tidings.payments.v1.Payment:%\xaa\xed\x18!tidings.payments.payment.refundedb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tidings.payments.v1.payment_events_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PAYMENTCAPTURED']._serialized_start=100
-  _globals['_PAYMENTCAPTURED']._serialized_end=164
-  _globals['_PAYMENTDECLINED']._serialized_start=166
-  _globals['_PAYMENTDECLINED']._serialized_end=253
-  _globals['_PAYMENTREFUNDED']._serialized_start=255
-  _globals['_PAYMENTREFUNDED']._serialized_end=319
+  _globals['_PAYMENTCAPTURED']._loaded_options = None
+  _globals['_PAYMENTCAPTURED']._serialized_options = b'\252\355\030!tidings.payments.payment.captured'
+  _globals['_PAYMENTDECLINED']._loaded_options = None
+  _globals['_PAYMENTDECLINED']._serialized_options = b'\252\355\030!tidings.payments.payment.declined'
+  _globals['_PAYMENTREFUNDED']._loaded_options = None
+  _globals['_PAYMENTREFUNDED']._serialized_options = b'\252\355\030!tidings.payments.payment.refunded'
+  _globals['_PAYMENTCAPTURED']._serialized_start=133
+  _globals['_PAYMENTCAPTURED']._serialized_end=236
+  _globals['_PAYMENTDECLINED']._serialized_start=238
+  _globals['_PAYMENTDECLINED']._serialized_end=364
+  _globals['_PAYMENTREFUNDED']._serialized_start=366
+  _globals['_PAYMENTREFUNDED']._serialized_end=469
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from tidings.events.v1 import options_pb2 as _options_pb2
 from tidings.payments.v1 import payment_pb2 as _payment_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message

@@ -23,20 +23,27 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
+from tidings.events.v1 import options_pb2 as tidings_dot_events_dot_v1_dot_options__pb2
 from tidings.users.v1 import user_pb2 as tidings_dot_users_dot_v1_dot_user__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"tidings/users/v1/user_events.proto\x12\x10tidings.users.v1\x1a google/protobuf/field_mask.proto\x1a\x1btidings/users/v1/user.proto\"3\n\x0bUserCreated\x12$\n\x04user\x18\x01 \x01(\x0b\x32\x16.tidings.users.v1.User\"g\n\x0bUserUpdated\x12$\n\x04user\x18\x01 \x01(\x0b\x32\x16.tidings.users.v1.User\x12\x32\n\x0e\x63hanged_fields\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"-\n\x0bUserDeleted\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"tidings/users/v1/user_events.proto\x12\x10tidings.users.v1\x1a google/protobuf/field_mask.proto\x1a\x1ftidings/events/v1/options.proto\x1a\x1btidings/users/v1/user.proto\"S\n\x0bUserCreated\x12$\n\x04user\x18\x01 \x01(\x0b\x32\x16.tidings.users.v1.User:\x1e\xaa\xed\x18\x1atidings.users.user.created\"\x87\x01\n\x0bUserUpdated\x12$\n\x04user\x18\x01 \x01(\x0b\x32\x16.tidings.users.v1.User\x12\x32\n\x0e\x63hanged_fields\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask:\x1e\xaa\xed\x18\x1atidings.users.user.updated\"M\n\x0bUserDeleted\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t:\x1e\xaa\xed\x18\x1atidings.users.user.deletedb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tidings.users.v1.user_events_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_USERCREATED']._serialized_start=119
-  _globals['_USERCREATED']._serialized_end=170
-  _globals['_USERUPDATED']._serialized_start=172
-  _globals['_USERUPDATED']._serialized_end=275
-  _globals['_USERDELETED']._serialized_start=277
-  _globals['_USERDELETED']._serialized_end=322
+  _globals['_USERCREATED']._loaded_options = None
+  _globals['_USERCREATED']._serialized_options = b'\252\355\030\032tidings.users.user.created'
+  _globals['_USERUPDATED']._loaded_options = None
+  _globals['_USERUPDATED']._serialized_options = b'\252\355\030\032tidings.users.user.updated'
+  _globals['_USERDELETED']._loaded_options = None
+  _globals['_USERDELETED']._serialized_options = b'\252\355\030\032tidings.users.user.deleted'
+  _globals['_USERCREATED']._serialized_start=152
+  _globals['_USERCREATED']._serialized_end=235
+  _globals['_USERUPDATED']._serialized_start=238
+  _globals['_USERUPDATED']._serialized_end=373
+  _globals['_USERDELETED']._serialized_start=375
+  _globals['_USERDELETED']._serialized_end=452
 # @@protoc_insertion_point(module_scope)

@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import nats
 import pytest
@@ -61,6 +62,8 @@ class RunningSystem:
     users_address: str
     notifications_address: str
     nats_url: str
+    gateway_url: str
+    data_dir: Path
     # PID per process name from the "started NAME (pid N)" lines, nats-server included.
     child_pids: dict[str, int] = field(default_factory=dict)
 
@@ -91,6 +94,7 @@ def tidings_up(tmp_path: Path, otlp_receiver: OtlpTraceReceiver) -> Iterator[Run
     data_dir = tmp_path / "data"
     users_port = free_port()
     notifications_port = free_port()
+    gateway_port = free_port()
     environment = clean_environment({
         "TIDINGS_DATA_DIR": str(data_dir),
         "TIDINGS_USERS_PORT": str(users_port),
@@ -100,6 +104,7 @@ def tidings_up(tmp_path: Path, otlp_receiver: OtlpTraceReceiver) -> Iterator[Run
         "TIDINGS_INVENTORY_PORT": str(free_port()),
         "TIDINGS_PAYMENTS_PORT": str(free_port()),
         "TIDINGS_EMBEDDED_NATS_PORT": str(free_port()),
+        "TIDINGS_GATEWAY_PORT": str(gateway_port),
         "TIDINGS_SHUTDOWN_GRACE": "5",
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp_receiver.port}",
         "OTEL_BSP_SCHEDULE_DELAY": "100",
@@ -125,13 +130,16 @@ def tidings_up(tmp_path: Path, otlp_receiver: OtlpTraceReceiver) -> Iterator[Run
             users_address=f"127.0.0.1:{users_port}",
             notifications_address=f"127.0.0.1:{notifications_port}",
             nats_url=nats_url,
+            gateway_url=f"http://127.0.0.1:{gateway_port}",
+            data_dir=data_dir,
             child_pids=child_pids,
         )
     finally:
         stop_process(supervisor)
         # The output is read again because a failed start may have printed more PIDs since.
         for name, pid in STARTED_LINE.findall(supervisor.stdout()):
-            marker = "nats-server" if name == "nats-server" else f"services.{name}.main"
+            markers = {"nats-server": "nats-server", "gateway": "gateway.main"}
+            marker = markers.get(name, f"services.{name}.main")
             stop_pid(int(pid), marker)
 
 
@@ -321,3 +329,51 @@ async def test_user_creation_end_to_end(
     assert not orphans, f"spans whose parent was never exported:\n{listing}"
     services = {s.service for s in trace_spans}
     assert services == {"test", "users", "notifications"}, f"services in the trace: {services}"
+
+
+async def test_http_call_through_the_gateway_end_to_end(
+    tidings_up: RunningSystem, otlp_receiver: OtlpTraceReceiver
+) -> None:
+    system = tidings_up
+    minted = await asyncio.to_thread(
+        subprocess.run,
+        [str(Path(sys.executable).parent / "tidings"), "token", "--scope", "users:write"],
+        env=clean_environment({"TIDINGS_DATA_DIR": str(system.data_dir)}),
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert minted.returncode == 0, f"tidings token failed: {minted.stderr}"
+    trace_id = "5e1f7a3b9c2d4e6f8a0b1c2d3e4f5a6b"
+    headers = {
+        "Authorization": f"Bearer {minted.stdout.strip()}",
+        "traceparent": f"00-{trace_id}-1a2b3c4d5e6f7a8b-01",
+    }
+
+    async with aiohttp.ClientSession() as session, session.post(
+        f"{system.gateway_url}/v1/users", json={"email": "http@example.com", "displayName": "Ada"},
+        headers=headers,
+    ) as reply:
+        body = await reply.json()
+
+    assert reply.status == 200, f"gateway answered {reply.status}: {body}\n" + system.supervisor.log_tail()
+    try:
+        spans = await wait_for(
+            lambda: _spans_when(otlp_receiver, trace_id, ("gateway", "SERVER"), ("users", "PRODUCER")),
+            timeout=EVENT_TIMEOUT,
+        )
+    except TimeoutError:
+        found = "\n".join(s.describe() for s in otlp_receiver.spans_of_trace(trace_id))
+        pytest.fail(f"trace {trace_id} lacks the gateway or users spans; it has:\n{found}")
+    gateway_span = _single_span(spans, "gateway", "SERVER", "POST /v1/users")
+    users_span = _single_span(spans, "users", "SERVER", CREATE_USER_METHOD)
+    assert gateway_span.parent_span_id == "1a2b3c4d5e6f7a8b", "the gateway span does not continue the client"
+    assert users_span.parent_span_id in {s.span_id for s in spans if s.service == "gateway"}, (
+        "the users span is not a descendant of the gateway's spans"
+    )
+
+
+async def _spans_when(
+    receiver: OtlpTraceReceiver, trace_id: str, *wanted: tuple[str, str]
+) -> list[CollectedSpan] | None:
+    spans = receiver.spans_of_trace(trace_id)
+    present = {(s.service, s.kind) for s in spans}
+    return spans if all(item in present for item in wanted) else None

@@ -8,11 +8,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import nats
 from aiohttp.test_utils import TestServer
 from pydantic import SecretStr
 
 from gateway.app import Gateway
 from gateway.auth import mint_hs256_token
+from gateway.events import EventStream
 from gateway.settings import GatewaySettings
 from services.inventory.main import SPEC as INVENTORY
 from services.notifications.main import SPEC as NOTIFICATIONS
@@ -82,10 +84,18 @@ class Api:
 
 @asynccontextmanager
 async def running_gateway(
-    settings: Settings, gateway: GatewaySettings, *, identity_secret: str | None = None
+    settings: Settings, gateway: GatewaySettings, *, identity_secret: str | None = None,
+    events: bool = False,
 ) -> AsyncIterator[tuple[Gateway, Api]]:
-    """Serve a Gateway on a free loopback port; yield it with a client holding a valid token."""
-    front = Gateway(gateway, settings, identity_secret=identity_secret)
+    """Serve a Gateway on a free loopback port; yield it with a client holding a valid token.
+
+    With events, the gateway also serves GET /v1/events from the test's nats-server.
+    """
+    client = await nats.connect(settings.nats_url) if events else None
+    front = Gateway(
+        gateway, settings, identity_secret=identity_secret,
+        events=EventStream(client, heartbeat=0.5) if client else None,
+    )
     server = TestServer(front.application(), host="127.0.0.1")
     await server.start_server()
     try:
@@ -94,6 +104,8 @@ async def running_gateway(
     finally:
         await server.close()
         await front.close()
+        if client is not None:
+            await client.close()
 
 
 @asynccontextmanager

@@ -1,0 +1,83 @@
+"""GET /v1/events through the whole gateway: authorized like any route, events in order."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from services.runtime.config import Settings
+from tests.integration.gateway_fixtures import Api, gateway_settings, running_gateway, running_system, token
+
+EVENTS_PATH = "/v1/events?subject=tidings.users.user.created&start=all"
+
+
+@pytest.fixture
+async def api(settings: Settings) -> AsyncIterator[Api]:
+    async with running_system(settings, ["users"]), running_gateway(
+        settings, gateway_settings(), events=True
+    ) as (_, client):
+        yield client
+
+
+async def read_events(api: Api, count: int, headers: dict[str, str]) -> list[dict[str, Any]]:
+    """Read count SSE events from the gateway, each as its id and CloudEvent."""
+    events: list[dict[str, Any]] = []
+    current: dict[str, Any] = {}
+    async with api.session.get(api.base + EVENTS_PATH, headers=headers) as reply:
+        assert reply.status == 200, await reply.text()
+        async for raw in reply.content:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("id: "):
+                current["id"] = line[4:]
+            elif line.startswith("data: "):
+                current["event"] = json.loads(line[6:])
+            elif not line and "event" in current:
+                events.append(current)
+                current = {}
+                if len(events) == count:
+                    break
+    return events
+
+
+async def create_users(api: Api, count: int) -> None:
+    for index in range(count):
+        status, body, _ = await api.call(
+            "POST", "/v1/users", json={"email": f"user{index}@example.com", "displayName": "U"}
+        )
+        assert status == 200, body
+
+
+async def test_gateway_events_without_a_token_is_401(api: Api) -> None:
+    status, _, _ = await api.call("GET", EVENTS_PATH, bearer=None)
+
+    assert status == 401
+
+
+async def test_gateway_events_without_the_events_scope_is_403(api: Api) -> None:
+    status, _, _ = await api.call("GET", EVENTS_PATH, bearer=token(scopes=["users:read"]))
+
+    assert status == 403
+
+
+async def test_gateway_events_arrive_in_order(api: Api) -> None:
+    await create_users(api, 3)
+
+    events = await read_events(api, 3, {"Authorization": f"Bearer {token()}"})
+
+    assert [e["event"]["data"]["user"]["email"] for e in events] == [
+        "user0@example.com", "user1@example.com", "user2@example.com",
+    ]
+
+
+async def test_gateway_events_resume_after_last_event_id_without_gaps_or_repeats(api: Api) -> None:
+    await create_users(api, 4)
+    first = await read_events(api, 2, {"Authorization": f"Bearer {token()}"})
+
+    rest = await read_events(
+        api, 2, {"Authorization": f"Bearer {token()}", "Last-Event-ID": first[-1]["id"]}
+    )
+
+    assert [int(e["id"]) for e in first + rest] == [1, 2, 3, 4]

@@ -26,7 +26,8 @@ from services.runtime.errors import ConfigurationError
 logger = logging.getLogger("gateway.main")
 
 
-def _ssl_context(settings: GatewaySettings) -> ssl.SSLContext | None:
+def server_ssl_context(settings: GatewaySettings) -> ssl.SSLContext | None:
+    """Return the HTTPS context of the gateway, or None when it serves plain HTTP."""
     if settings.tls_cert_file is None or settings.tls_key_file is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -80,7 +81,7 @@ async def serve(settings: GatewaySettings, runtime: Settings) -> int:
     connecting = asyncio.create_task(_connect_nats(client, runtime, stopping))
     try:
         site = web.TCPSite(
-            runner, settings.host, runtime.gateway_port, ssl_context=_ssl_context(settings),
+            runner, settings.host, runtime.gateway_port, ssl_context=server_ssl_context(settings),
             reuse_address=True,
         )
         try:

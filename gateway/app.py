@@ -60,6 +60,11 @@ def _grpc_status(error: grpc.aio.AioRpcError) -> status_pb2.Status:
     return status_pb2.Status(code=error.code().value[0], message=error.details() or "")
 
 
+async def _hide_server_version(request: web.Request, response: web.StreamResponse) -> None:
+    # aiohttp would announce its own and Python's version to every client.
+    response.headers["Server"] = "tidings-gateway"
+
+
 class Gateway:
     """Owns the channels, breakers and limits; builds the aiohttp application."""
 
@@ -130,6 +135,7 @@ class Gateway:
         app[middleware.PROTECTED] = protected
         app[middleware.MAX_BODY_BYTES] = self.settings.max_body_bytes
         app.on_shutdown.append(self._on_shutdown)
+        app.on_response_prepare.append(_hide_server_version)
         return app
 
     def _handler(self, route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench.gateway_path import RATE_LIMIT_PER_SECOND, measure_direct_get_user, measure_gateway_get_user
 from bench.phases import Load, measure_grpc, measure_naive_pipeline, measure_nats_publish
 from bench.processes import (
     ProcessSet,
@@ -163,6 +164,12 @@ async def _run_phases(load: Load, work_dir: Path) -> tuple[list[PhaseResult], li
          lambda result: measure_place_order(result, processes, load, work_dir, tracing=False)),
         (PhaseResult("saga-on", "Tidings PlaceOrder saga, tracing on"),
          lambda result: measure_place_order(result, processes, load, work_dir, tracing=True)),
+        (PhaseResult("get-user-grpc", "direct gRPC GetUser, tracing off"),
+         lambda result: measure_direct_get_user(result, processes, load, work_dir)),
+        (PhaseResult("gateway-off", "gateway GET /v1/users/{id}, tracing off"),
+         lambda result: measure_gateway_get_user(result, processes, load, work_dir, tracing=False)),
+        (PhaseResult("gateway-on", "gateway GET /v1/users/{id}, tracing on"),
+         lambda result: measure_gateway_get_user(result, processes, load, work_dir, tracing=True)),
     ]
     try:
         for result, measure in plan:
@@ -290,6 +297,31 @@ def measurement_notes(load: Load) -> list[str]:
         "the stages.",
         "- **call start (harness) → Order update_time** adds the PlaceOrder call up to the insert. It "
         "is the figure to compare with the naive pipeline's event latency.",
+        "- **direct gRPC GetUser**: the users service as a process (`python -m services.users.main`) "
+        "with its SQLite file in a new data directory, a new nats-server, `TIDINGS_LOG_LEVEL=WARNING` "
+        "and tracing off. Before the warm-up the harness creates one user with CreateUser, which is "
+        "not timed. Every call then reads that user with GetUser over one grpc.aio channel: a read "
+        "transaction and no event. The process gets a `TIDINGS_IDENTITY_SECRET`, as it does behind "
+        "the gateway, but these calls carry no identity metadata, so it verifies none.",
+        "- **gateway GET /v1/users/{id}**: the same users service and the gateway as a process "
+        "(`python -m gateway.main`) with the same log level and tracing setting. The harness sends "
+        f"every request through one `aiohttp.ClientSession` with at most {load.concurrency} "
+        "keep-alive connections and one HS256 bearer token with the scope `users:read`, minted with "
+        "`gateway.auth.mint_hs256_token`. A request is timed from just before `session.get` until "
+        "its body is read, and every status other than 200 counts as a failed call. For each "
+        "request the gateway verifies the token's signature and scope, takes a rate-limit token, "
+        "builds the GetUserRequest, signs the caller's identity into the call metadata, calls the "
+        "users service, which verifies that signature, and writes the response as JSON. The rate "
+        f"limit refills {RATE_LIMIT_PER_SECOND:,} tokens per second and its burst covers every "
+        "request of the phase, so it rejects none. One untimed request before the warm-up checks "
+        "that the body contains the created user.",
+        "- **HTTP gateway path against direct gRPC**: the ratios divide a gateway figure by the "
+        "direct GetUser figure or the bare grpc.aio figure of the same run. The direct path runs "
+        "with tracing off, so the tracing-on column includes the cost of tracing. CPU ms per measured "
+        "call is each process's user plus system time from the end of the warm-up until the last "
+        "measured call returned, divided by the measured calls. The harness row is the load "
+        "generator's own process, which shares the CPUs with the processes it measures. The peak "
+        "RSS is VmHWM, read just before the harness sent SIGTERM.",
         "- **Tracing on**: `OTEL_TRACES_EXPORTER=otlp` to an OTLP/gRPC receiver process that the "
         f"harness starts on loopback, which counts spans and drops them. `OTEL_BSP_SCHEDULE_DELAY="
         f"{BSP_SCHEDULE_DELAY_MS}` ms, and the other batch span processor settings are the SDK defaults. "

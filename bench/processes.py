@@ -8,13 +8,13 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from services.runtime.cli.embedded_nats import EmbeddedNats
-from services.runtime.cli.supervisor import wait_until_serving
+from services.runtime.cli.supervisor import wait_until_http_ok, wait_until_serving
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -131,19 +131,33 @@ class Child:
         Raises:
             RuntimeError: The child exited first or was not SERVING within timeout.
         """
-        serving = asyncio.create_task(wait_until_serving(address))
+        await self._wait_until_ready(wait_until_serving(address), address, "SERVING", timeout)
+
+    async def wait_until_http_ok(self, url: str, timeout: float = START_TIMEOUT) -> None:
+        """Wait until a GET of url on the child returns HTTP 200.
+
+        Raises:
+            RuntimeError: The child exited first or did not return 200 within timeout.
+        """
+        await self._wait_until_ready(wait_until_http_ok(url), url, "returning HTTP 200", timeout)
+
+    async def _wait_until_ready(
+        self, check: Coroutine[Any, Any, None], target: str, ready_state: str, timeout: float
+    ) -> None:
+        """Wait until check returns, and raise RuntimeError when the child exits first or time runs out."""
+        ready = asyncio.create_task(check)
         exited = asyncio.create_task(self.process.wait())
         try:
             done, _ = await asyncio.wait(
-                {serving, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                {ready, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
         finally:
-            serving.cancel()
+            ready.cancel()
             exited.cancel()
-        if serving in done and serving.exception() is None:
+        if ready in done and ready.exception() is None:
             return
-        reason = "exited during start" if exited in done else f"not SERVING within {timeout:.0f}s"
-        raise RuntimeError(f"{self.name} at {address}: {reason}: {self.describe_failure()}")
+        reason = "exited during start" if exited in done else f"not {ready_state} within {timeout:.0f}s"
+        raise RuntimeError(f"{self.name} at {target}: {reason}: {self.describe_failure()}")
 
     async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Send SIGTERM, wait, and send SIGKILL when the child is still running after timeout."""

@@ -8,7 +8,7 @@ import platform
 import shlex
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -283,6 +283,41 @@ def saga_ratio_table(phases: dict[str, PhaseResult]) -> Table:
     return rows
 
 
+def gateway_table(phases: dict[str, PhaseResult]) -> Table:
+    """Return rows comparing GetUser over gRPC with GET /v1/users/{id} through the gateway."""
+    grpc, direct = phases.get("grpc"), phases.get("get-user-grpc")
+    columns = [direct, phases.get("gateway-off"), phases.get("gateway-on")]
+    rows = [["measure", "direct gRPC GetUser, tracing off", "gateway, tracing off", "gateway, tracing on"]]
+
+    def through_gateway(compute: Callable[[PhaseResult | None], str]) -> list[str]:
+        # The direct column is the reference of these ratios, so it stays empty.
+        return ["", *(compute(phase) for phase in columns[1:])]
+
+    def mib(phase: PhaseResult | None, process: str) -> str:
+        kib = phase.peak_rss_kib.get(process) if phase else None
+        return _mib(kib) if kib is not None else "n/a"
+
+    rows += [
+        ["calls/s (requests/s through the gateway)", *(_number(_calls_per_s(phase)) for phase in columns)],
+        ["p50 ms", *(_number(_latency_of(phase, "p50_ms")) for phase in columns)],
+        ["p99 ms", *(_number(_latency_of(phase, "p99_ms")) for phase in columns)],
+        ["requests/s ÷ direct gRPC GetUser calls/s",
+         *through_gateway(lambda phase: _ratio(_calls_per_s(phase), _calls_per_s(direct)))],
+        ["calls/s ÷ bare grpc.aio calls/s",
+         *(_ratio(_calls_per_s(phase), _calls_per_s(grpc)) for phase in columns)],
+        ["p50 ÷ direct gRPC GetUser p50 (above 1x: slower)",
+         *through_gateway(lambda phase: _ratio(_latency_of(phase, "p50_ms"), _latency_of(direct, "p50_ms")))],
+        ["p99 ÷ direct gRPC GetUser p99 (above 1x: slower)",
+         *through_gateway(lambda phase: _ratio(_latency_of(phase, "p99_ms"), _latency_of(direct, "p99_ms")))],
+    ]
+    for process in ("gateway", "users", "harness"):
+        rows.append([f"{process} CPU ms per measured call",
+                     *(_number(phase.cpu_ms_per_call.get(process) if phase else None) for phase in columns)])
+    for process in ("gateway", "users"):
+        rows.append([f"{process} peak RSS (VmHWM) MiB", *(mib(phase, process) for phase in columns)])
+    return rows
+
+
 def _latency_of(phase: PhaseResult | None, pick: str) -> float | None:
     latency = phase.calls.latency if phase and phase.calls else None
     return getattr(latency, pick) if latency else None
@@ -336,6 +371,18 @@ def saga_tracing_table(phases: dict[str, PhaseResult]) -> Table:
     return _change_rows(measures)
 
 
+def gateway_tracing_table(phases: dict[str, PhaseResult]) -> Table:
+    """Return rows comparing GET /v1/users/{id} through the gateway with tracing off and on."""
+    off, on = phases.get("gateway-off"), phases.get("gateway-on")
+    measures = [
+        ("gateway GET /v1/users/{id} requests/s", _calls_per_s(off), _calls_per_s(on)),
+        ("gateway GET p50 ms", _latency_of(off, "p50_ms"), _latency_of(on, "p50_ms")),
+        ("gateway GET p99 ms", _latency_of(off, "p99_ms"), _latency_of(on, "p99_ms")),
+        *_cpu_measures(off, on, ("gateway", "users"), "call"),
+    ]
+    return _change_rows(measures)
+
+
 def usage_table(usage: Sequence[ProcessUsage], harness: ProcessUsage) -> Table:
     """Return rows of peak RSS and CPU time per process, the harness last."""
     rows = [["process", "PID", "peak RSS (VmHWM) MiB", "CPU s"]]
@@ -362,7 +409,7 @@ def format_table(rows: Table) -> list[str]:
 
 def _span_lines(phases: dict[str, PhaseResult]) -> list[str]:
     lines = []
-    for key in ("tidings-on", "saga-on"):
+    for key in ("tidings-on", "saga-on", "gateway-on"):
         phase = phases.get(key)
         if phase is None or phase.spans is None:
             continue
@@ -377,6 +424,8 @@ def result_sections(report: Report) -> list[tuple[str, list[str]]]:
         *format_table(tracing_table(report.phases)),
         "",
         *format_table(saga_tracing_table(report.phases)),
+        "",
+        *format_table(gateway_tracing_table(report.phases)),
         *_span_lines(report.phases),
     ]
     sections = [
@@ -386,6 +435,7 @@ def result_sections(report: Report) -> list[tuple[str, list[str]]]:
          format_table(saga_table(report.phases)) + _outcome_lines(report.phases)),
         ("CreateUser path against the references", format_table(ratio_table(report.phases))),
         ("PlaceOrder path against the references", format_table(saga_ratio_table(report.phases))),
+        ("HTTP gateway path against direct gRPC", format_table(gateway_table(report.phases))),
         ("Tracing cost", tracing_lines),
         ("Peak RSS and CPU time per process", format_table(usage_table(report.usage, report.harness))),
     ]

@@ -30,7 +30,10 @@ class PhaseResult:
         outcomes: Measured orders per final state and rejection reason
             (PlaceOrder only).
         cpu_ms_per_call: CPU time of each service process per measured call,
-            in milliseconds (Tidings services only).
+            in milliseconds (Tidings services and the GetUser phases, which
+            also record the harness's own CPU time).
+        peak_rss_kib: Peak resident set size (VmHWM) of each service process,
+            read just before it was stopped (GetUser phases only).
         other_cpu_s: CPU time that processes not started by the harness used
             during the phase.
         spans: Spans received by the OTLP receiver, per service.name.
@@ -48,6 +51,7 @@ class PhaseResult:
     start_to_terminal: Latency | None = None
     outcomes: dict[str, int] = field(default_factory=dict)
     cpu_ms_per_call: dict[str, float] = field(default_factory=dict)
+    peak_rss_kib: dict[str, int] = field(default_factory=dict)
     other_cpu_s: float | None = None
     spans: dict[str, int] | None = None
     notes: list[str] = field(default_factory=list)

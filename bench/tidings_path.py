@@ -61,6 +61,8 @@ def service_environment(
         "NATS_URL": nats_url,
         "TIDINGS_DATA_DIR": str(data_dir),
         "TIDINGS_LOG_LEVEL": "WARNING",
+        # As `tidings up` does, so that the services run with the identity check on.
+        "TIDINGS_IDENTITY_SECRET": secrets.token_urlsafe(32),
     }
     if monitor_url is not None:
         # Lets the start-up check confirm the server syncs every write.

@@ -109,8 +109,11 @@ async def test_gateway_create_user_bad_body_is_400_naming_the_field(api: Api, bo
     status, reply, _ = await api.call(
         "POST", "/v1/users", data=body, headers={"Content-Type": "application/json"}
     )
+    written = await users_written(api)
 
-    assert (status, violated_fields(reply), await users_written(api)) == (400, [field], 0)
+    assert status == 400, reply
+    assert violated_fields(reply) == [field], reply
+    assert written == 0, "the rejected request created a user"
 
 
 async def test_gateway_place_order_stray_top_level_field_is_400(api: Api) -> None:
@@ -118,59 +121,72 @@ async def test_gateway_place_order_stray_top_level_field_is_400(api: Api) -> Non
         "POST", "/v1/orders", json={"userId": "u", "lineItems": [], "priority": "high"}
     )
 
-    assert (status, violated_fields(reply)) == (400, ["priority"])
+    assert status == 400, reply
+    assert violated_fields(reply) == ["priority"], reply
 
 
 async def test_gateway_unknown_query_parameter_is_400(api: Api) -> None:
     status, reply, _ = await api.call("GET", "/v1/users?pageSise=2")
 
-    assert (status, violated_fields(reply)) == (400, ["pageSise"])
+    assert status == 400, reply
+    assert violated_fields(reply) == ["pageSise"], reply
 
 
 async def test_gateway_non_json_content_type_is_415(api: Api) -> None:
     status, reply, _ = await api.call(
         "POST", "/v1/users", data="email=ada@example.com", headers={"Content-Type": "text/plain"}
     )
+    written = await users_written(api)
 
-    assert (status, reason(reply), await users_written(api)) == (415, "UNSUPPORTED_MEDIA_TYPE", 0)
+    assert status == 415, reply
+    assert reason(reply) == "UNSUPPORTED_MEDIA_TYPE", reply
+    assert written == 0, "the rejected request created a user"
 
 
 async def test_gateway_oversized_body_is_413(api: Api) -> None:
     big = {"email": "ada@example.com", "displayName": "A" * 8000}
 
     status, reply, _ = await api.call("POST", "/v1/users", json=big)
+    written = await users_written(api)
 
-    assert (status, reason(reply), await users_written(api)) == (413, "BODY_TOO_LARGE", 0)
+    assert status == 413, reply
+    assert reason(reply) == "BODY_TOO_LARGE", reply
+    assert written == 0, "the rejected request created a user"
 
 
 async def test_gateway_oversized_headers_are_431(api: Api) -> None:
     status, reply, _ = await api.call("GET", "/v1/users", headers={"X-Padding": "p" * 5000})
 
-    assert (status, reason(reply)) == (431, "HEADERS_TOO_LARGE")
+    assert status == 431, reply
+    assert reason(reply) == "HEADERS_TOO_LARGE", reply
 
 
 async def test_gateway_bad_request_timeout_header_is_400(api: Api) -> None:
     status, reply, _ = await api.call("GET", "/v1/users", headers={"Request-Timeout": "soon"})
 
-    assert (status, violated_fields(reply)) == (400, ["Request-Timeout"])
+    assert status == 400, reply
+    assert violated_fields(reply) == ["Request-Timeout"], reply
 
 
 async def test_gateway_unknown_route_is_404_with_status_body(api: Api) -> None:
     status, reply, _ = await api.call("GET", "/v1/usres")
 
-    assert (status, reason(reply)) == (404, "NO_ROUTE")
+    assert status == 404, reply
+    assert reason(reply) == "NO_ROUTE", reply
 
 
 async def test_gateway_wrong_method_is_405_with_allow(api: Api) -> None:
-    status, _, headers = await api.call("PUT", "/v1/users")
+    status, reply, headers = await api.call("PUT", "/v1/users")
 
-    assert (status, headers.get("Allow")) == (405, "GET, POST")
+    assert status == 405, reply
+    assert headers.get("Allow") == "GET, POST"
 
 
 async def test_gateway_non_ascii_request_id_is_forwarded_and_echoed(api: Api) -> None:
-    status, _, headers = await api.call("GET", "/v1/users", headers={"X-Request-Id": "zoë-42"})
+    status, reply, headers = await api.call("GET", "/v1/users", headers={"X-Request-Id": "zoë-42"})
 
-    assert (status, headers.get("X-Request-Id")) == (200, "zoë-42")
+    assert status == 200, reply
+    assert headers.get("X-Request-Id") == "zoë-42"
 
 
 # Tokens.
@@ -200,16 +216,21 @@ async def test_gateway_rs256_token_is_accepted(api: Api, rsa_key: rsa.RSAPrivate
 
 async def test_gateway_missing_token_is_401(api: Api) -> None:
     status, reply, headers = await api.call("POST", "/v1/users", json={"email": "a@b.co"}, bearer=None)
+    written = await users_written(api)
 
-    assert (status, reason(reply), headers.get("WWW-Authenticate"), await users_written(api)) == (
-        401, "MISSING_TOKEN", "Bearer", 0,
-    )
+    assert status == 401, reply
+    assert reason(reply) == "MISSING_TOKEN", reply
+    assert headers.get("WWW-Authenticate") == "Bearer"
+    assert written == 0, "the rejected request created a user"
 
 
 async def test_gateway_alg_none_is_401(api: Api) -> None:
     status, reply, _ = await api.call("POST", "/v1/users", json={"email": "a@b.co"}, bearer=_alg_none())
+    written = await users_written(api)
 
-    assert (status, reason(reply), await users_written(api)) == (401, "ALG_NOT_ALLOWED", 0)
+    assert status == 401, reply
+    assert reason(reply) == "ALG_NOT_ALLOWED", reply
+    assert written == 0, "the rejected request created a user"
 
 
 def _hs256_signed_with_public_key(public_pem: bytes) -> str:
@@ -230,8 +251,11 @@ async def test_gateway_hs_rs_key_confusion_is_401(api: Api, public_key_file: Pat
     forged = _hs256_signed_with_public_key(public_key_file.read_bytes())
 
     status, reply, _ = await api.call("POST", "/v1/users", json={"email": "a@b.co"}, bearer=forged)
+    written = await users_written(api)
 
-    assert (status, reason(reply), await users_written(api)) == (401, "BAD_SIGNATURE", 0)
+    assert status == 401, reply
+    assert reason(reply) == "BAD_SIGNATURE", reply
+    assert written == 0, "the rejected request created a user"
 
 
 async def test_gateway_bad_signature_is_401(api: Api) -> None:
@@ -239,7 +263,8 @@ async def test_gateway_bad_signature_is_401(api: Api) -> None:
 
     status, reply, _ = await api.call("GET", "/v1/users", bearer=forged)
 
-    assert (status, reason(reply)) == (401, "BAD_SIGNATURE")
+    assert status == 401, reply
+    assert reason(reply) == "BAD_SIGNATURE", reply
 
 
 async def test_gateway_expired_token_is_401(api: Api, rsa_key: rsa.RSAPrivateKey) -> None:
@@ -247,19 +272,22 @@ async def test_gateway_expired_token_is_401(api: Api, rsa_key: rsa.RSAPrivateKey
 
     status, reply, _ = await api.call("GET", "/v1/users", bearer=expired)
 
-    assert (status, reason(reply)) == (401, "TOKEN_EXPIRED")
+    assert status == 401, reply
+    assert reason(reply) == "TOKEN_EXPIRED", reply
 
 
 async def test_gateway_wrong_issuer_is_401(api: Api, rsa_key: rsa.RSAPrivateKey) -> None:
     status, reply, _ = await api.call("GET", "/v1/users", bearer=_rs256(rsa_key, iss="https://evil.test"))
 
-    assert (status, reason(reply)) == (401, "WRONG_ISSUER")
+    assert status == 401, reply
+    assert reason(reply) == "WRONG_ISSUER", reply
 
 
 async def test_gateway_wrong_audience_is_401(api: Api, rsa_key: rsa.RSAPrivateKey) -> None:
     status, reply, _ = await api.call("GET", "/v1/users", bearer=_rs256(rsa_key, aud="billing"))
 
-    assert (status, reason(reply)) == (401, "WRONG_AUDIENCE")
+    assert status == 401, reply
+    assert reason(reply) == "WRONG_AUDIENCE", reply
 
 
 async def test_gateway_iat_seconds_ahead_within_leeway_is_accepted(
@@ -273,37 +301,43 @@ async def test_gateway_iat_seconds_ahead_within_leeway_is_accepted(
 async def test_gateway_iat_far_ahead_is_401(api: Api, rsa_key: rsa.RSAPrivateKey) -> None:
     status, reply, _ = await api.call("GET", "/v1/users", bearer=_rs256(rsa_key, iat=int(time.time()) + 3600))
 
-    assert (status, reason(reply)) == (401, "TOKEN_NOT_YET_VALID")
+    assert status == 401, reply
+    assert reason(reply) == "TOKEN_NOT_YET_VALID", reply
 
 
 async def test_gateway_missing_scope_is_403(api: Api, rsa_key: rsa.RSAPrivateKey) -> None:
     reader = _rs256(rsa_key, scope="users:read")
 
     status, reply, _ = await api.call("POST", "/v1/users", json={"email": "a@b.co"}, bearer=reader)
+    written = await users_written(api)
 
-    assert (status, reason(reply), await users_written(api)) == (403, "MISSING_SCOPE", 0)
+    assert status == 403, reply
+    assert reason(reply) == "MISSING_SCOPE", reply
+    assert written == 0, "the rejected request created a user"
 
 
 # CORS.
 
 async def test_gateway_preflight_from_allowed_origin_echoes_it(api: Api) -> None:
-    status, _, headers = await api.call(
+    status, reply, headers = await api.call(
         "OPTIONS", "/v1/users", bearer=None,
         headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
                  "Access-Control-Request-Headers": "authorization, content-type"},
     )
 
-    assert (status, headers.get("Access-Control-Allow-Origin"),
-            headers.get("Access-Control-Allow-Credentials")) == (204, "https://app.example", "true")
+    assert status == 204, reply
+    assert headers.get("Access-Control-Allow-Origin") == "https://app.example"
+    assert headers.get("Access-Control-Allow-Credentials") == "true"
 
 
 async def test_gateway_preflight_from_disallowed_origin_is_403_without_allow_origin(api: Api) -> None:
-    status, _, headers = await api.call(
+    status, reply, headers = await api.call(
         "OPTIONS", "/v1/users", bearer=None,
         headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
     )
 
-    assert (status, headers.get("Access-Control-Allow-Origin")) == (403, None)
+    assert status == 403, reply
+    assert headers.get("Access-Control-Allow-Origin") is None
 
 
 async def test_gateway_response_to_disallowed_origin_has_no_allow_origin(api: Api) -> None:
@@ -327,7 +361,9 @@ async def test_gateway_rate_limit_exhaustion_is_429_with_retry_after(settings: S
             await api.call("GET", "/v1/users")
         status, reply, headers = await api.call("GET", "/v1/users")
 
-    assert (status, reason(reply), int(headers["Retry-After"]) >= 1) == (429, "RATE_LIMITED", True)
+    assert status == 429, reply
+    assert reason(reply) == "RATE_LIMITED", reply
+    assert int(headers["Retry-After"]) >= 1
 
 
 async def test_gateway_rate_limit_is_per_caller(settings: Settings) -> None:

@@ -66,7 +66,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--timeout", type=float, default=30.0,
-        help="seconds to wait for each notification (default 30)",
+        help="seconds to wait for each notification and for each order's final state (default 30)",
+    )
+    demo.add_argument(
+        "--via-gateway", action="store_true",
+        help="send every call through the HTTP gateway with a token signed by the local HS256 secret, "
+        "instead of gRPC straight to the services",
+    )
+    demo.add_argument(
+        "--gateway-url", default=None, metavar="URL",
+        help="base URL of the gateway; implies --via-gateway "
+        "(default http://TIDINGS_HOST:TIDINGS_GATEWAY_PORT)",
     )
 
     events = commands.add_parser("events", help="inspect events on NATS")
@@ -140,7 +150,13 @@ async def _dispatch(options: argparse.Namespace, settings: object) -> int:
     if options.command == "demo":
         from services.runtime.cli.demo import run_demo
 
-        return await run_demo(settings, users=options.users, timeout=options.timeout)
+        return await run_demo(
+            settings,
+            users=options.users,
+            timeout=options.timeout,
+            via_gateway=options.via_gateway or options.gateway_url is not None,
+            gateway_url=options.gateway_url,
+        )
     if options.command == "events":
         from services.runtime.cli.tail import tail_events
 

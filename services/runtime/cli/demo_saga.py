@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import secrets
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from opentelemetry import trace
 
-from services.runtime.clients import traced_channel
-from services.runtime.config import Settings
-from tidings.inventory.v1 import inventory_service_pb2, inventory_service_pb2_grpc, product_pb2
-from tidings.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
-from tidings.payments.v1 import payment_service_pb2, payment_service_pb2_grpc
+from tidings.inventory.v1 import inventory_service_pb2, product_pb2
+from tidings.orders.v1 import order_pb2, order_service_pb2
+from tidings.payments.v1 import payment_service_pb2
 
-CALL_TIMEOUT = 5.0
+if TYPE_CHECKING:
+    # demo.py imports this module at run time, so the import goes only one way.
+    from services.runtime.cli.demo import DemoClient
+
 TERMINAL = (
     order_pb2.ORDER_STATE_CONFIRMED,
     order_pb2.ORDER_STATE_REJECTED,
@@ -38,55 +40,39 @@ SCENARIOS = (
 )
 
 
-def _trace_id() -> str:
-    return format(trace.get_current_span().get_span_context().trace_id, "032x")
-
-
-async def run_order_demo(settings: Settings, user_id: str, timeout: float) -> bool:
+async def run_order_demo(client: DemoClient, user_id: str, timeout: float) -> bool:
     """Place the demo orders for user_id; return whether each ended as expected."""
     tracer = trace.get_tracer("tidings.demo")
-    async with (
-        traced_channel(settings.address_of("inventory")) as inventory_channel,
-        traced_channel(settings.address_of("payments")) as payments_channel,
-        traced_channel(settings.address_of("orders")) as orders_channel,
-    ):
-        inventory = inventory_service_pb2_grpc.InventoryServiceStub(inventory_channel)
-        payments = payment_service_pb2_grpc.PaymentServiceStub(payments_channel)
-        orders = order_service_pb2_grpc.OrderServiceStub(orders_channel)
-
-        with tracer.start_as_current_span("demo prepare products and wallet"):
-            product = await _create_product(inventory)
-            await payments.TopUp(
-                payment_service_pb2.TopUpRequest(
-                    user_id=user_id, amount_cents=5_000, request_id=f"demo-topup-{secrets.token_hex(4)}"
-                ),
-                timeout=CALL_TIMEOUT,
+    with tracer.start_as_current_span("demo prepare products and wallet"):
+        product = await _create_product(client)
+        await client.top_up(
+            payment_service_pb2.TopUpRequest(
+                user_id=user_id, amount_cents=5_000, request_id=f"demo-topup-{secrets.token_hex(4)}"
             )
-            print(f"[trace {_trace_id()}] product {product.id} {product.name!r} at "
-                  f"{product.price_cents} cents, stock {product.stock}; wallet of {user_id} topped up "
-                  "with 5000 cents")
+        )
+        print(f"[trace {client.trace_id()}] product {product.id} {product.name!r} at "
+              f"{product.price_cents} cents, stock {product.stock}; wallet of {user_id} topped up "
+              "with 5000 cents")
 
-        outcomes = [
-            await _place(tracer, orders, user_id, product.id, scenario, timeout)
-            for scenario in SCENARIOS
-        ]
+    outcomes = [
+        await _place(tracer, client, user_id, product.id, scenario, timeout)
+        for scenario in SCENARIOS
+    ]
     return all(outcomes)
 
 
-async def _create_product(
-    inventory: inventory_service_pb2_grpc.InventoryServiceStub,
-) -> product_pb2.Product:
+async def _create_product(client: DemoClient) -> product_pb2.Product:
     request = inventory_service_pb2.CreateProductRequest(
         product=product_pb2.Product(
             name=f"Demo lamp {secrets.token_hex(2)}", price_cents=2_000, stock=10
         )
     )
-    return (await inventory.CreateProduct(request, timeout=CALL_TIMEOUT)).product
+    return (await client.create_product(request)).product
 
 
 async def _place(
     tracer: trace.Tracer,
-    orders: order_service_pb2_grpc.OrderServiceStub,
+    client: DemoClient,
     user_id: str,
     product_id: str,
     scenario: Scenario,
@@ -98,12 +84,12 @@ async def _place(
             line_items=[order_pb2.LineItem(product_id=product_id, quantity=scenario.quantity)],
             request_id=f"demo-order-{secrets.token_hex(6)}",
         )
-        placed = (await orders.PlaceOrder(request, timeout=CALL_TIMEOUT)).order
-        trace_id = _trace_id()
+        placed = (await client.place_order(request)).order
+        trace_id = client.trace_id()
     print(f"[trace {trace_id}] PlaceOrder ({scenario.title}: {scenario.quantity} units) -> "
           f"order {placed.id} {order_pb2.OrderState.Name(placed.state)}")
 
-    final = await _wait_for_terminal(orders, placed.id, timeout)
+    final = await _wait_for_terminal(client, placed.id, timeout)
     state = order_pb2.OrderState.Name(final.state)
     detail = ""
     if final.state == order_pb2.ORDER_STATE_REJECTED:
@@ -113,14 +99,12 @@ async def _place(
     return final.state == scenario.expected
 
 
-async def _wait_for_terminal(
-    orders: order_service_pb2_grpc.OrderServiceStub, order_id: str, timeout: float
-) -> order_pb2.Order:
+async def _wait_for_terminal(client: DemoClient, order_id: str, timeout: float) -> order_pb2.Order:
     request = order_service_pb2.GetOrderRequest(id=order_id)
     try:
         async with asyncio.timeout(timeout):
             while True:
-                order = (await orders.GetOrder(request, timeout=CALL_TIMEOUT)).order
+                order = (await client.get_order(request)).order
                 if order.state in TERMINAL:
                     return order
                 await asyncio.sleep(0.1)

@@ -37,6 +37,7 @@ from services.runtime.database import Database, Transaction
 from services.runtime.deadletters import DeadLetterPublisher
 from services.runtime.errors import PermanentEventError
 from services.runtime.events import EventDecodeError, ReceivedEvent, decode_event
+from services.runtime.stall import StallWatch
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +48,6 @@ __all__ = [
     "Handler",
     "processed_events_table",
 ]
-
-
 
 
 @dataclass(frozen=True)
@@ -80,6 +79,7 @@ class EventConsumer:
         self._stopping = asyncio.Event()
         self._insert_processed = database.insert_ignoring_conflicts(table)
         self._dead_letters = DeadLetterPublisher(self._js, spec.durable, spec.stream)
+        self.stall_watch = StallWatch(nats, spec.stream, spec.durable, spec.subjects)
         self.dead_lettered = 0
         self.applied = 0
         self.duplicates = 0
@@ -129,6 +129,7 @@ class EventConsumer:
             try:
                 messages = fetch.result()
             except (NatsTimeoutError, TimeoutError):
+                await self.stall_watch.on_idle()
                 continue
             except (NatsError, JetStreamError) as exc:
                 logger.warning(
@@ -170,6 +171,14 @@ class EventConsumer:
 
     async def _prepare(self, message: Msg) -> _Work | None:
         """Decode a message; settle at once what has no handler or cannot be decoded."""
+        if logger.isEnabledFor(logging.DEBUG):
+            metadata = message.metadata
+            logger.debug(
+                "message fetched",
+                extra={"consumer": self.spec.durable, "stream_sequence": metadata.sequence.stream,
+                       "consumer_sequence": metadata.sequence.consumer,
+                       "delivery": metadata.num_delivered, "subject": message.subject},
+            )
         try:
             event = decode_event(message.headers, message.data)
             payload = event.message()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -14,14 +13,14 @@ from urllib.parse import quote
 import grpc
 from aiohttp import web
 from google.protobuf.message import Message
-from google.rpc import status_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 from gateway import middleware
 from gateway.auth import Authenticator
 from gateway.backends import open_channel
 from gateway.breaker import CircuitBreaker, counts_as_failure
 from gateway.cors import CorsPolicy
-from gateway.errors import HTTP_STATUS_OF_CODE, error_response, status_response
+from gateway.errors import ERROR_DOMAIN, HTTP_STATUS_OF_CODE, error_response, status_response
 from gateway.identity import identity_metadata
 from gateway.ratelimit import TokenBuckets, retry_after_header
 from gateway.routes import EVENTS_SCOPE, Route, load_routes
@@ -58,11 +57,6 @@ def _grpc_status(error: grpc.aio.AioRpcError) -> status_pb2.Status:
         if key == "grpc-status-details-bin" and isinstance(value, bytes):
             return status_pb2.Status.FromString(value)
     return status_pb2.Status(code=error.code().value[0], message=error.details() or "")
-
-
-async def _hide_server_version(request: web.Request, response: web.StreamResponse) -> None:
-    # aiohttp would announce its own and Python's version to every client.
-    response.headers["Server"] = "tidings-gateway"
 
 
 class Gateway:
@@ -135,7 +129,7 @@ class Gateway:
         app[middleware.PROTECTED] = protected
         app[middleware.MAX_BODY_BYTES] = self.settings.max_body_bytes
         app.on_shutdown.append(self._on_shutdown)
-        app.on_response_prepare.append(_hide_server_version)
+        app.on_response_prepare.append(middleware.add_response_headers)
         return app
 
     def _handler(self, route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -148,7 +142,8 @@ class Gateway:
         try:
             body = None
             if route.body:
-                body = parse_body(await request.read(), request.content_type if request.body_exists else "")
+                content_type = request.content_type if "Content-Type" in request.headers else ""
+                body = parse_body(await request.read(), content_type)
             message = build_request(route, request.match_info, request.query, body)
             timeout = self._timeout(request)
         except RequestError as exc:
@@ -169,7 +164,7 @@ class Gateway:
                 headers={"Retry-After": retry_after_header(wait)},
             )
 
-        request_id = self._request_id(request)
+        request_id = request[middleware.REQUEST_ID]
         try:
             reply = await self._calls[route](
                 message, timeout=timeout, metadata=self._metadata(request, request_id)
@@ -181,11 +176,7 @@ class Gateway:
             breaker.release()
             raise
         breaker.record_success()
-        return web.Response(
-            text=response_json(reply),
-            content_type="application/json",
-            headers={"X-Request-Id": request_id},
-        )
+        return web.Response(text=response_json(reply), content_type="application/json")
 
     @staticmethod
     def _record(breaker: CircuitBreaker, code: grpc.StatusCode) -> None:
@@ -196,7 +187,7 @@ class Gateway:
 
     def _error_of(self, route: Route, error: grpc.aio.AioRpcError, request_id: str) -> web.Response:
         status = _grpc_status(error)
-        headers = {"X-Request-Id": request_id}
+        headers = {}
         if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             logger.warning(
                 "backend call failed",
@@ -205,11 +196,18 @@ class Gateway:
             )
             if not status.details:
                 # gRPC's own text names addresses and resolver internals.
+                timed_out = error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
                 status.message = (
-                    f"the {route.backend} service did not answer in time; retry later"
-                    if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                    f"the {route.backend} service did not answer in time; retry later, or allow more "
+                    f"time with the {REQUEST_TIMEOUT_HEADER} header"
+                    if timed_out
                     else f"the {route.backend} service is unavailable; retry later"
                 )
+                info = error_details_pb2.ErrorInfo(
+                    reason="BACKEND_TIMEOUT" if timed_out else "BACKEND_UNAVAILABLE",
+                    domain=ERROR_DOMAIN, metadata={"backend": route.backend},
+                )
+                status.details.add().Pack(info)
             headers["Retry-After"] = "1"
         return status_response(status, http_status=HTTP_STATUS_OF_CODE.get(status.code, 500), headers=headers)
 
@@ -225,11 +223,6 @@ class Gateway:
         if not math.isfinite(asked) or asked <= 0:
             raise RequestError(REQUEST_TIMEOUT_HEADER, f"expected seconds greater than 0, got {text!r}")
         return min(asked, limit)
-
-    @staticmethod
-    def _request_id(request: web.Request) -> str:
-        given = request.headers.get("X-Request-Id", "")
-        return given if 0 < len(given) <= 128 else str(uuid.uuid4())
 
     def _metadata(self, request: web.Request, request_id: str) -> list[tuple[str, str]]:
         metadata = [("x-request-id", _metadata_value(request_id))]

@@ -25,6 +25,7 @@ DEFAULT_ALLOWED_HEADERS: tuple[str, ...] = (
     "traceparent",
     "tracestate",
     "Request-Timeout",
+    "X-Request-Id",
 )
 
 # Response headers that browser scripts may read besides the safelisted ones.
@@ -141,6 +142,23 @@ class CorsPolicy:
             headers["Access-Control-Allow-Headers"] = ", ".join(self._allowed_headers)
         headers["Access-Control-Max-Age"] = str(self._max_age)
         return 204, headers
+
+    def rejection(
+        self, origin: str | None, request_method: str | None, request_headers: str | None
+    ) -> str:
+        """Return why preflight rejects a request, naming the origin, method or header."""
+        if origin is None:
+            return "the preflight has no Origin header"
+        if not self.is_origin_allowed(origin):
+            return f"origin {origin!r} is not in TIDINGS_GATEWAY_CORS_ORIGINS"
+        if request_method not in self._methods:
+            return f"method {request_method!r} is not allowed; allowed: {', '.join(self._methods)}"
+        refused = [
+            name.strip() for name in (request_headers or "").split(",")
+            if name.strip() and name.strip().lower() not in self._allowed_header_keys
+        ]
+        allowed = ", ".join(self._allowed_headers)
+        return f"request header {', '.join(refused)!r} is not allowed; allowed: {allowed}"
 
     def response_headers(self, origin: str | None) -> dict[str, str]:
         """Return the CORS headers to add to an actual, non-preflight response.

@@ -10,6 +10,7 @@ import sys
 
 import nats
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 from nats.aio.client import Client as NATS
 
 from gateway.app import Gateway
@@ -76,6 +77,9 @@ async def serve(settings: GatewaySettings, runtime: Settings) -> int:
     runner = web.AppRunner(
         gateway.application(), shutdown_timeout=runtime.shutdown_grace, access_log=None,
         handler_cancellation=True,
+        # Above the gateway's own limit, so that it answers 431 for headers
+        # up to twice that size; aiohttp answers larger ones with 400.
+        max_line_size=2 * settings.max_header_bytes, max_field_size=2 * settings.max_header_bytes,
     )
     await runner.setup()
     connecting = asyncio.create_task(_connect_nats(client, runtime, stopping))
@@ -103,7 +107,23 @@ async def serve(settings: GatewaySettings, runtime: Settings) -> int:
         await gateway.close()
         if client.is_connected:
             await client.drain()
+    logger.info("gateway stopped")
     return 0
+
+
+class _WithoutRequestBytes(logging.Filter):
+    """Replace aiohttp's report of a malformed request, whose text quotes the request's bytes.
+
+    Those bytes can be an Authorization header, and secrets stay out of logs.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], BadHttpMessage):
+            record.msg = "rejected a malformed or oversized HTTP request"
+            record.args = ()
+            record.exc_info = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
 
 
 def main() -> None:
@@ -116,6 +136,7 @@ def main() -> None:
         raise SystemExit(2) from exc
 
     configure_logging("gateway", runtime.log_level)
+    logging.getLogger("aiohttp.server").addFilter(_WithoutRequestBytes())
     try:
         provider = configure_tracing("gateway")
     except ValueError as exc:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -39,6 +40,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Keys the middlewares leave on the request for the handlers after them.
 CALLER = web.RequestKey("caller", Caller)
+REQUEST_ID = web.RequestKey("request_id", str)
+# Headers every response gets when it is prepared, streamed ones included.
+RESPONSE_HEADERS = web.RequestKey("response_headers", dict[str, str])
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class Protected:
 
 
 MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
+EVENTS_TEMPLATE = "/v1/events"
 
 # Routes not listed here (health, API documents) are open to anyone.
 PROTECTED = web.AppKey("protected", dict[tuple[str, str], Protected])
@@ -85,15 +90,17 @@ async def tracing(request: web.Request, handler: Handler) -> web.StreamResponse:
             **({"http.route": template} if template else {}),
         },
     ) as span:
+        # Lets a client (and `tidings demo`) name the trace it started.
+        carrier: dict[str, str] = {}
+        _traceparent.inject(carrier)
+        request_id = _request_id(request)
+        request[REQUEST_ID] = request_id
+        request[RESPONSE_HEADERS] = {**carrier, "X-Request-Id": request_id}
+
         response = await handler(request)
         span.set_attribute("http.response.status_code", response.status)
         if response.status >= 500:
             span.set_status(Status(StatusCode.ERROR))
-        if not response.prepared:
-            # Lets a client (and `tidings demo`) name the trace it started.
-            carrier: dict[str, str] = {}
-            _traceparent.inject(carrier)
-            response.headers.update(carrier)
         caller = request.get(CALLER)
         logger.info(
             "request",
@@ -106,6 +113,23 @@ async def tracing(request: web.Request, handler: Handler) -> web.StreamResponse:
             },
         )
         return response
+
+
+def _request_id(request: web.Request) -> str:
+    """Return the client's X-Request-Id when it is 1 to 128 characters, else a new UUID."""
+    given = request.headers.get("X-Request-Id", "")
+    return given if 0 < len(given) <= 128 else str(uuid.uuid4())
+
+
+async def add_response_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Add the headers collected on the request, on aiohttp's on_response_prepare signal.
+
+    The signal also fires for streamed responses (server-sent events) that a
+    handler prepares itself, where headers set after the handler are too late.
+    """
+    response.headers.update(request.get(RESPONSE_HEADERS, {}))
+    # aiohttp would announce its own and Python's version to every client.
+    response.headers["Server"] = "tidings-gateway"
 
 
 @web.middleware
@@ -171,21 +195,34 @@ def cors(policy: CorsPolicy) -> Middleware:
                 request.headers.get("Access-Control-Request-Headers"),
             )
             if status >= 400:
+                why = policy.rejection(
+                    origin,
+                    request.headers.get("Access-Control-Request-Method"),
+                    request.headers.get("Access-Control-Request-Headers"),
+                )
                 return error_response(
-                    status,
-                    f"cross-origin request from {origin!r} is not allowed; ask for it to be added to "
-                    "TIDINGS_GATEWAY_CORS_ORIGINS",
-                    reason="CORS_REJECTED",
-                    headers=headers,
+                    status, f"cross-origin request rejected: {why}", reason="CORS_REJECTED", headers=headers
                 )
             return web.Response(status=status, headers=headers)
 
-        response = await handler(request)
-        if not response.prepared:
-            response.headers.update(policy.response_headers(origin))
-        return response
+        if RESPONSE_HEADERS in request:
+            request[RESPONSE_HEADERS].update(policy.response_headers(origin))
+        return await handler(request)
 
     return apply
+
+
+def _authorization(request: web.Request, protected: Protected) -> str | None:
+    """Return the Authorization header, or for the event stream an ``access_token`` query parameter.
+
+    A browser's EventSource cannot send headers, so the event stream also
+    takes the token as RFC 6750 section 2.3 allows. Only there: a token in a
+    URL can end up in proxy and browser history.
+    """
+    header = request.headers.get("Authorization")
+    if header is None and protected.template == EVENTS_TEMPLATE and "access_token" in request.query:
+        return f"Bearer {request.query['access_token']}"
+    return header
 
 
 def guard(
@@ -205,7 +242,7 @@ def guard(
 
         if authenticator is not None:
             try:
-                caller = authenticator.authenticate(request.headers.get("Authorization"))
+                caller = authenticator.authenticate(_authorization(request, protected))
                 require_scopes(caller, [protected.scope])
             except AuthError as exc:
                 return error_response(

@@ -182,7 +182,9 @@ def parse_body(raw: bytes, content_type: str) -> Any:
         RequestError: The body is not JSON or not sent as application/json.
     """
     if content_type not in ("application/json", ""):
-        raise RequestError("Content-Type", f"{content_type!r} is not accepted; send application/json")
+        raise RequestError(
+            "Content-Type", f"{content_type!r} is not accepted; send the body as application/json"
+        )
     try:
         return json.loads(raw or b"{}")
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -204,6 +206,19 @@ def _set_path_field(message: Message, field_path: str, value: str, bound: set[st
         )
     setattr(target, name, value)
     bound.add(field_path)
+
+
+def _camel_case_paths(mask: str) -> str:
+    """Accept proto field names in a field mask too: ``display_name`` becomes ``displayName``.
+
+    The proto3 JSON form of a FieldMask is lowerCamelCase, but error messages
+    of the services name fields as the protos do, so clients send both.
+    """
+    def camel(name: str) -> str:
+        first, *rest = name.split("_")
+        return first + "".join(part[:1].upper() + part[1:] for part in rest)
+
+    return ",".join(".".join(camel(part) for part in path.strip().split(".")) for path in mask.split(","))
 
 
 def _query_value(field: FieldDescriptor, text: str, name: str) -> Any:
@@ -231,17 +246,19 @@ def _query_to_json(
         for parent in parents:
             field = _field_by_json_key(current, parent)
             if field is None or field.message_type is None or field.is_repeated:
-                raise RequestError(name, f"unknown query parameter of {descriptor.name}")
+                raise RequestError(name, f"unknown query parameter of {descriptor.name}; see /openapi.json")
             proto_path.append(field.name)
             node = node.setdefault(field.json_name, {})
             current = field.message_type
         field = _field_by_json_key(current, leaf)
         if field is None or (field.message_type is not None and field.message_type.full_name
                              not in _WELL_KNOWN_JSON):
-            raise RequestError(name, f"unknown query parameter of {descriptor.name}")
+            raise RequestError(name, f"unknown query parameter of {descriptor.name}; see /openapi.json")
         if ".".join([*proto_path, field.name]) in bound:
             raise RequestError(name, "already given in the path; leave it out of the query")
         values = [_query_value(field, text, name) for text in query.getall(name)]
+        if field.message_type is not None and field.message_type.full_name == "google.protobuf.FieldMask":
+            values = [_camel_case_paths(text) for text in values]
         if not field.is_repeated and len(values) > 1:
             raise RequestError(name, "given more than once; it takes one value")
         node[field.json_name] = values if field.is_repeated else values[0]

@@ -373,3 +373,27 @@ async def test_gateway_rate_limit_is_per_caller(settings: Settings) -> None:
         status, _, _ = await api.call("GET", "/v1/users", bearer=hs256({"sub": "grace"}))
 
     assert status == 200
+
+
+async def test_gateway_error_of_its_own_echoes_the_request_id(api: Api) -> None:
+    status, _, headers = await api.call("GET", "/v1/users", bearer=None, headers={"X-Request-Id": "req-401"})
+
+    assert status == 401
+    assert headers.get("X-Request-Id") == "req-401"
+
+
+async def test_gateway_error_of_its_own_carries_a_traceparent(api: Api) -> None:
+    _, _, headers = await api.call("GET", "/v1/usres")
+
+    assert headers.get("traceparent", "").startswith("00-")
+
+
+async def test_gateway_preflight_rejection_names_the_header(api: Api) -> None:
+    status, reply, _ = await api.call(
+        "OPTIONS", "/v1/users", bearer=None,
+        headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "x-custom-debug"},
+    )
+
+    assert status == 403
+    assert "x-custom-debug" in reply["message"], reply

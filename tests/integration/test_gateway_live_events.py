@@ -14,19 +14,24 @@ from tests.integration.gateway_fixtures import Api, gateway_settings, running_ga
 EVENTS_PATH = "/v1/events?subject=tidings.users.user.created&start=all"
 
 
+ORIGIN = "https://app.example"
+
+
 @pytest.fixture
 async def api(settings: Settings) -> AsyncIterator[Api]:
     async with running_system(settings, ["users"]), running_gateway(
-        settings, gateway_settings(), events=True
+        settings, gateway_settings(cors_origins=(ORIGIN,)), events=True
     ) as (_, client):
         yield client
 
 
-async def read_events(api: Api, count: int, headers: dict[str, str]) -> list[dict[str, Any]]:
+async def read_events(
+    api: Api, count: int, headers: dict[str, str], path: str = EVENTS_PATH
+) -> list[dict[str, Any]]:
     """Read count SSE events from the gateway, each as its id and CloudEvent."""
     events: list[dict[str, Any]] = []
     current: dict[str, Any] = {}
-    async with api.session.get(api.base + EVENTS_PATH, headers=headers) as reply:
+    async with api.session.get(api.base + path, headers=headers) as reply:
         assert reply.status == 200, await reply.text()
         async for raw in reply.content:
             line = raw.decode().rstrip("\n")
@@ -81,3 +86,25 @@ async def test_gateway_events_resume_after_last_event_id_without_gaps_or_repeats
     )
 
     assert [int(e["id"]) for e in first + rest] == [1, 2, 3, 4]
+
+
+async def test_gateway_events_take_the_token_as_a_query_parameter(api: Api) -> None:
+    await create_users(api, 1)
+
+    events = await read_events(api, 1, {}, path=f"{EVENTS_PATH}&access_token={token()}")
+
+    assert events[0]["event"]["data"]["user"]["email"] == "user0@example.com"
+
+
+async def test_gateway_access_token_parameter_is_refused_on_other_routes(api: Api) -> None:
+    status, _, _ = await api.call("GET", f"/v1/users?access_token={token()}", bearer=None)
+
+    assert status == 401
+
+
+async def test_gateway_events_answer_an_allowed_origin(api: Api) -> None:
+    headers = {"Authorization": f"Bearer {token()}", "Origin": ORIGIN}
+    async with api.session.get(api.base + EVENTS_PATH, headers=headers) as reply:
+        allowed = reply.headers.get("Access-Control-Allow-Origin")
+
+    assert allowed == ORIGIN

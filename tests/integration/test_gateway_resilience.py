@@ -140,6 +140,7 @@ async def test_gateway_request_timeout_becomes_the_grpc_deadline(api: Api) -> No
 
     assert status == 504, body
     assert body["code"] == 4, body
+    assert [d.get("reason") for d in body["details"]] == ["BACKEND_TIMEOUT"], body
 
 
 async def test_gateway_forwards_the_signed_caller_identity(api: Api, replicas: list[Replica]) -> None:

@@ -83,6 +83,17 @@ async def test_gateway_update_user_applies_the_field_mask(api: Api) -> None:
     assert body["user"]["displayName"] == "Ada L."
 
 
+async def test_gateway_update_mask_accepts_proto_field_names(api: Api) -> None:
+    user = await create_user(api)
+
+    status, body, _ = await api.call(
+        "PATCH", f"/v1/users/{user['id']}?updateMask=display_name", json={"displayName": "Ada L."}
+    )
+
+    assert status == 200, body
+    assert body["user"]["displayName"] == "Ada L."
+
+
 async def test_gateway_delete_user_then_get_is_404(api: Api) -> None:
     user = await create_user(api)
 

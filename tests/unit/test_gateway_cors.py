@@ -52,7 +52,7 @@ def test_cors_preflight_allowed_headers_listed(policy: CorsPolicy) -> None:
     _, headers = policy.preflight(APP, "GET", "Last-Event-ID")
 
     assert headers["Access-Control-Allow-Headers"] == (
-        "Authorization, Content-Type, Last-Event-ID, traceparent, tracestate, Request-Timeout"
+        "Authorization, Content-Type, Last-Event-ID, traceparent, tracestate, Request-Timeout, X-Request-Id"
     )
 
 

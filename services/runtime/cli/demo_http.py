@@ -31,6 +31,7 @@ from yarl import URL
 
 from gateway.auth import mint_hs256_token
 from gateway.routes import Route, load_routes
+from services.runtime.cli.supervisor import gateway_url_file
 from services.runtime.config import Settings
 from tidings.inventory.v1 import inventory_service_pb2
 from tidings.notifications.v1 import notification_service_pb2
@@ -96,7 +97,10 @@ class HttpRequest:
 
 
 def default_gateway_url(settings: Settings) -> str:
-    """Return http://TIDINGS_HOST:TIDINGS_GATEWAY_PORT, with an IPv6 host in brackets."""
+    """Return the URL a running `tidings up` recorded, else http://TIDINGS_HOST:TIDINGS_GATEWAY_PORT."""
+    recorded = gateway_url_file(settings)
+    if recorded.exists():
+        return recorded.read_text().strip()
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     return f"http://{host}:{settings.gateway_port}"
 

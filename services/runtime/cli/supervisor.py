@@ -80,6 +80,8 @@ class Supervisor:
 
         try:
             self._check_ports()
+            # A file left by a `tidings up` that was killed would send the demo elsewhere.
+            gateway_url_file(self.settings).unlink(missing_ok=True)
             self._prepare_secrets()
             nats_url = self._start_nats()
             for name in self.services:
@@ -88,6 +90,10 @@ class Supervisor:
                 await self._start_service(GATEWAY, nats_url)
             if not await self._wait_until_ready():
                 return 1
+            if self.gateway:
+                # `tidings demo --via-gateway` finds the gateway here.
+                scheme = "https" if os.environ.get("TIDINGS_GATEWAY_TLS_CERT_FILE") else "http"
+                gateway_url_file(self.settings).write_text(f"{scheme}://{self.settings.address_of(GATEWAY)}")
             self._print_ready(nats_url)
             return await self._watch()
         finally:
@@ -242,6 +248,7 @@ class Supervisor:
                       file=sys.stderr, flush=True)
                 child.process.kill()
                 await child.process.wait()
+        gateway_url_file(self.settings).unlink(missing_ok=True)
         if self.nats is not None:
             nats_url_file(self.settings).unlink(missing_ok=True)
             self.nats.stop()
@@ -249,6 +256,11 @@ class Supervisor:
                   else "stopped the nats-server cluster", flush=True)
         if running or self.nats is not None:
             print("tidings stopped", flush=True)
+
+
+def gateway_url_file(settings: Settings) -> Path:
+    """Return the file where `tidings up` records the URL of the gateway it started."""
+    return settings.data_dir.resolve() / "gateway.url"
 
 
 def nats_url_file(settings: Settings) -> Path:

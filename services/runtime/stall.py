@@ -25,7 +25,7 @@ from nats.js.errors import NotFoundError
 logger = logging.getLogger(__name__)
 
 # Seconds between checks while a consumer receives nothing.
-CHECK_INTERVAL = 1e9
+CHECK_INTERVAL = 5.0
 
 
 @dataclass(frozen=True)

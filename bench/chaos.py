@@ -32,6 +32,7 @@ import nats
 from services.runtime.cli.embedded_nats import (
     EmbeddedCluster,
     EmbeddedNats,
+    child_command,
     child_process_options,
     free_port,
 )
@@ -141,7 +142,7 @@ class System:
         service = name.removesuffix("-replica")
         log = (self.work_dir / f"{name}.log").open("ab")
         self.processes[name] = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", f"services.{service}.main", env=self.environment(name),
+            *child_command([sys.executable, "-m", f"services.{service}.main"]), env=self.environment(name),
             stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, **child_process_options(),
         )
         await wait_until_serving(self.address(name), timeout=30)

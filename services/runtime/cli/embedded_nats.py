@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
+import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,19 +42,34 @@ def child_process_options() -> dict[str, Any]:
     """Return Popen options for a child process that its parent stops itself.
 
     The child gets its own process group, so a Ctrl-C in the terminal reaches
-    only the parent, which then stops its children in order. On Linux the
-    child also gets SIGTERM when the parent dies, so a killed parent leaves no
-    orphans behind.
+    only the parent, which then stops its children in order.
     """
-    options: dict[str, Any] = {"process_group": 0}
-    if sys.platform.startswith("linux"):
-        options["preexec_fn"] = _terminate_with_parent
-    return options
+    return {"process_group": 0}
 
 
-def _terminate_with_parent() -> None:
-    # prctl(PR_SET_PDEATHSIG, SIGTERM); runs in the child between fork and exec.
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+# Run by a new interpreter in place of the child: ask Linux for SIGTERM when
+# the parent dies (PR_SET_PDEATHSIG is 1), give up if it already has, then
+# become the real program. The setting survives exec.
+_PARENT_DEATH_GUARD = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(1)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def child_command(command: Sequence[str]) -> list[str]:
+    """Return command so that, on Linux, the child gets SIGTERM when this process dies.
+
+    A killed parent then leaves no orphans behind. The usual way, a
+    preexec_fn, runs Python between fork and exec, which can deadlock the
+    parent while gRPC threads run (gRPC's fork handlers); this way the parent
+    forks nothing but a plain exec. command[0] must be an absolute path.
+    """
+    if not sys.platform.startswith("linux"):
+        return list(command)
+    return [sys.executable, "-c", _PARENT_DEATH_GUARD, str(os.getpid()), *command]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -130,7 +145,9 @@ class EmbeddedNats:
         ]
         # A restarted server appends to the same log; readiness is read past this offset.
         self._log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, **child_process_options())
+        self.process = subprocess.Popen(
+            child_command(command), stdin=subprocess.DEVNULL, **child_process_options()
+        )
 
     def wait_until_ready(self, timeout: float = 15.0) -> None:
         """Return once the started server accepts connections.

@@ -21,6 +21,7 @@ from observability.logging import redact_url
 from services.runtime.cli.embedded_nats import (
     EmbeddedCluster,
     EmbeddedNats,
+    child_command,
     child_process_options,
     free_port,
     port_in_use,
@@ -169,7 +170,7 @@ class Supervisor:
         }
         module = "gateway.main" if name == GATEWAY else f"services.{name}.main"
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", module,
+            *child_command([sys.executable, "-m", module]),
             env=environment, stdin=asyncio.subprocess.DEVNULL, **child_process_options(),
         )
         address = self.settings.address_of(name)

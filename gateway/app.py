@@ -256,5 +256,5 @@ class Gateway:
             await channel.close()
 
     def channels(self) -> Mapping[str, grpc.aio.Channel]:
-        """The backend channels by backend name, for readiness checks."""
+        """Return the backend channels by backend name, for readiness checks."""
         return self._channels

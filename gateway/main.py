@@ -77,8 +77,8 @@ async def serve(settings: GatewaySettings, runtime: Settings) -> int:
     runner = web.AppRunner(
         gateway.application(), shutdown_timeout=runtime.shutdown_grace, access_log=None,
         handler_cancellation=True,
-        # Above the gateway's own limit, so that it answers 431 for headers
-        # up to twice that size; aiohttp answers larger ones with 400.
+        # Above the gateway's own limit, so that it rejects headers up to
+        # twice that size with 431. aiohttp rejects larger ones with 400.
         max_line_size=2 * settings.max_header_bytes, max_field_size=2 * settings.max_header_bytes,
     )
     await runner.setup()

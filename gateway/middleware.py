@@ -3,7 +3,7 @@
     tracing         SERVER span from the client's traceparent, access log
     errors          any exception becomes a google.rpc.Status JSON body
     header_limit    431 for oversized headers
-    cors            preflights answered here; allow-origin added to responses
+    cors            replies to preflights; adds allow-origin to responses
     guard           bearer token, scopes, rate limit for routes that need them
 
 opentelemetry-instrumentation-aiohttp-server is not used: it is not
@@ -47,7 +47,7 @@ RESPONSE_HEADERS = web.RequestKey("response_headers", dict[str, str])
 
 @dataclass(frozen=True)
 class Protected:
-    """What a route demands of its caller: a template to name it and a scope."""
+    """Requirements of a route toward its caller: its template (for names) and its scope."""
 
     template: str
     scope: str
@@ -165,7 +165,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def header_limit(max_bytes: int) -> Middleware:
-    """Return a middleware answering 431 when the request headers exceed max_bytes in total."""
+    """Return a middleware that rejects requests with 431 when their headers exceed max_bytes in total."""
 
     @web.middleware
     async def limit(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -183,7 +183,7 @@ def header_limit(max_bytes: int) -> Middleware:
 
 
 def cors(policy: CorsPolicy) -> Middleware:
-    """Return a middleware that answers preflights and adds CORS headers to responses."""
+    """Return a middleware that replies to preflights and adds CORS headers to responses."""
 
     @web.middleware
     async def apply(request: web.Request, handler: Handler) -> web.StreamResponse:

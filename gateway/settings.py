@@ -15,7 +15,7 @@ class GatewaySettings(BaseSettings):
     """Settings of the gateway process; field ``x`` is read from ``TIDINGS_GATEWAY_X``.
 
     Where the services listen (host and ports) comes from the shared
-    runtime Settings; this class holds what only the edge needs.
+    runtime Settings. This class contains what only the edge needs.
     """
 
     model_config = SettingsConfigDict(

@@ -72,7 +72,7 @@ class RequestError(Exception):
         return f"{self.field}: {self.description}"
 
     def violation(self) -> error_details_pb2.BadRequest:
-        """The google.rpc.BadRequest detail that names the field."""
+        """Return the google.rpc.BadRequest detail that names the field."""
         return error_details_pb2.BadRequest(
             field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(field=self.field, description=self.description)

@@ -30,7 +30,7 @@ CHECK_INTERVAL = 5.0
 
 @dataclass(frozen=True)
 class ConsumerPosition:
-    """What the consumer leader reports and the newest stream sequence on its subjects."""
+    """Consumer state from its leader, and the newest stream sequence on its subjects."""
 
     delivered: int
     pending: int
@@ -38,16 +38,16 @@ class ConsumerPosition:
     newest: int
 
     def looks_stalled(self) -> bool:
-        """Whether the stream holds a message the consumer neither delivered nor counts as pending."""
+        """Return whether the stream contains a message the consumer neither delivered nor counts."""
         return self.pending == 0 and self.ack_pending == 0 and self.newest > self.delivered
 
 
 def confirms_stall(first: ConsumerPosition | None, second: ConsumerPosition) -> bool:
-    """Whether two checks in a row show the same stall.
+    """Return whether two checks in a row show the same stall.
 
-    One check can see a message the consumer leader's replica has not stored
-    yet (replication takes milliseconds); a second check seconds later, with
-    the delivered sequence unchanged, cannot.
+    One check can see a message that the consumer leader's replica has not
+    stored yet, because replication takes milliseconds. A second check
+    seconds later, with the delivered sequence unchanged, cannot.
     """
     return (
         first is not None
@@ -59,7 +59,7 @@ def confirms_stall(first: ConsumerPosition | None, second: ConsumerPosition) -> 
 
 
 class StallWatch:
-    """Checks one durable consumer while it is idle and asks for a new leader when it is stuck."""
+    """Checks one durable consumer while it is idle and requests a new leader when it is stuck."""
 
     def __init__(self, nats: NATS, stream: str, durable: str, subjects: Sequence[str]) -> None:
         self._nats = nats
@@ -109,7 +109,8 @@ class StallWatch:
 
     async def _step_down(self, position: ConsumerPosition) -> None:
         logger.warning(
-            "consumer stalled: the stream holds events it does not deliver; asking for a new consumer leader",
+            "consumer stalled: the stream contains events it does not deliver; "
+            "requesting a new consumer leader",
             extra={"consumer": self._durable, "stream": self._stream,
                    "delivered_sequence": position.delivered, "newest_sequence": position.newest},
         )

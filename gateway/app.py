@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -75,6 +75,7 @@ class Gateway:
         self.events = events
         self._identity_secret = identity_secret
         self._documents: dict[str, str] = {}
+        self._open_streams: Counter[str] = Counter()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._calls: dict[Route, Call] = {}
         self.breakers: dict[str, CircuitBreaker] = {}
@@ -121,7 +122,7 @@ class Gateway:
             )
 
         if self.events is not None:
-            app.router.add_get("/v1/events", self.events.handle)
+            app.router.add_get("/v1/events", self._stream_events)
             protected[("GET", "/v1/events")] = middleware.Protected("/v1/events", EVENTS_SCOPE)
         app.router.add_get("/healthz", self._healthz)
         for name in API_DOCUMENTS:
@@ -235,6 +236,28 @@ class Gateway:
         if caller is not None and self._identity_secret:
             metadata.extend(identity_metadata(caller, self._identity_secret))
         return metadata
+
+    async def _stream_events(self, request: web.Request) -> web.StreamResponse:
+        """Serve the event stream, at most max_streams_per_caller at once for each caller."""
+        assert self.events is not None
+        caller = request.get(middleware.CALLER)
+        key = caller.subject if caller is not None else f"address:{request.remote}"
+        limit = self.settings.max_streams_per_caller
+        if self._open_streams[key] >= limit:
+            return error_response(
+                429,
+                f"{limit} event streams are open for this caller already; close one, or combine "
+                "subjects with a wildcard such as tidings.orders.>",
+                reason="TOO_MANY_STREAMS",
+                headers={"Retry-After": "5"},
+            )
+        self._open_streams[key] += 1
+        try:
+            return await self.events.handle(request)
+        finally:
+            self._open_streams[key] -= 1
+            if not self._open_streams[key]:
+                del self._open_streams[key]
 
     async def _document(self, request: web.Request) -> web.Response:
         name = request.path.lstrip("/")

@@ -85,11 +85,13 @@ class CorsPolicy:
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings) -> CorsPolicy:
-        """Build the policy from the cors_* settings with the default methods and headers."""
+        """Build the policy from the cors_* settings, with the default headers where none are set."""
         return cls(
             origins=settings.cors_origins,
             allow_credentials=settings.cors_allow_credentials,
             max_age=settings.cors_max_age,
+            allowed_headers=settings.cors_allowed_headers or DEFAULT_ALLOWED_HEADERS,
+            exposed_headers=settings.cors_exposed_headers or DEFAULT_EXPOSED_HEADERS,
         )
 
     @staticmethod

@@ -85,7 +85,22 @@ class GatewaySettings(BaseSettings):
         default=(), description='Allowed browser origins as a JSON list, e.g. ["https://app.example"].'
     )
     cors_allow_credentials: bool = False
+    cors_allowed_headers: tuple[str, ...] | None = Field(
+        default=None,
+        description="Request headers browsers may send, as a JSON list; unset means Authorization, "
+        "Content-Type, Last-Event-ID, traceparent, tracestate, Request-Timeout and X-Request-Id.",
+    )
+    cors_exposed_headers: tuple[str, ...] | None = Field(
+        default=None,
+        description="Response headers browser scripts may read, as a JSON list; unset means "
+        "Retry-After, traceparent and X-Request-Id.",
+    )
     cors_max_age: Annotated[int, Field(ge=0, le=86_400)] = 600
+
+    # Live events.
+    max_streams_per_caller: Annotated[int, Field(ge=1, le=1000)] = Field(
+        default=5, description="Event streams (GET /v1/events) one caller may keep open at once."
+    )
 
     # TLS at the edge and toward the services.
     tls_cert_file: Path | None = Field(default=None, description="PEM certificate chain served over HTTPS.")

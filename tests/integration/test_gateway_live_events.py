@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from services.runtime.config import Settings
+from tests.helpers import wait_for
 from tests.integration.gateway_fixtures import Api, gateway_settings, running_gateway, running_system, token
 
 EVENTS_PATH = "/v1/events?subject=tidings.users.user.created&start=all"
@@ -108,3 +109,34 @@ async def test_gateway_events_answer_an_allowed_origin(api: Api) -> None:
         allowed = reply.headers.get("Access-Control-Allow-Origin")
 
     assert allowed == ORIGIN
+
+
+@pytest.fixture
+async def one_stream_api(settings: Settings) -> AsyncIterator[Api]:
+    limited = gateway_settings(max_streams_per_caller=1)
+    async with running_system(settings, ["users"]), running_gateway(settings, limited, events=True) as front:
+        yield front[1]
+
+
+async def test_gateway_events_limit_open_streams_per_caller(one_stream_api: Api) -> None:
+    api = one_stream_api
+    headers = {"Authorization": f"Bearer {token()}"}
+    async with api.session.get(api.base + EVENTS_PATH, headers=headers) as first:
+        await first.content.readline()  # The stream is open once its first comment arrives.
+        status, body, _ = await api.call("GET", EVENTS_PATH)
+
+    assert status == 429
+    assert [d.get("reason") for d in body["details"]] == ["TOO_MANY_STREAMS"], body
+
+
+async def test_gateway_events_stream_slot_is_freed_when_a_client_leaves(one_stream_api: Api) -> None:
+    api = one_stream_api
+    headers = {"Authorization": f"Bearer {token()}"}
+    async with api.session.get(api.base + EVENTS_PATH, headers=headers) as first:
+        await first.content.readline()
+
+    async def reopened() -> bool:
+        async with api.session.get(api.base + EVENTS_PATH, headers=headers) as again:
+            return again.status == 200
+
+    assert await wait_for(reopened, timeout=10)

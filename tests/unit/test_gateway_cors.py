@@ -342,3 +342,21 @@ def test_cors_from_settings_no_origins() -> None:
     status, _ = CorsPolicy.from_settings(settings).preflight(APP, "GET", None)
 
     assert status == 403
+
+
+def test_cors_from_settings_uses_configured_allowed_headers() -> None:
+    settings = GatewaySettings(
+        auth_enabled=False, cors_origins=(APP,), cors_allowed_headers=("Authorization", "X-Client")
+    )
+
+    _, headers = CorsPolicy.from_settings(settings).preflight(APP, "GET", "X-Client")
+
+    assert headers["Access-Control-Allow-Headers"] == "Authorization, X-Client"
+
+
+def test_cors_from_settings_uses_configured_exposed_headers() -> None:
+    settings = GatewaySettings(auth_enabled=False, cors_origins=(APP,), cors_exposed_headers=("X-Total",))
+
+    headers = CorsPolicy.from_settings(settings).response_headers(APP)
+
+    assert headers["Access-Control-Expose-Headers"] == "X-Total"

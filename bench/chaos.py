@@ -145,7 +145,17 @@ class System:
             *child_command([sys.executable, "-m", f"services.{service}.main"]), env=self.environment(name),
             stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, **child_process_options(),
         )
-        await wait_until_serving(self.address(name), timeout=30)
+        process = self.processes[name]
+        serving = asyncio.create_task(wait_until_serving(self.address(name), timeout=30))
+        exited = asyncio.create_task(process.wait())
+        await asyncio.wait({serving, exited}, return_when=asyncio.FIRST_COMPLETED)
+        if not serving.done():
+            serving.cancel()
+            await asyncio.gather(serving, return_exceptions=True)
+            tail = (self.work_dir / f"{name}.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{name} exited with code {process.returncode} during start:\n{tail}")
+        exited.cancel()
+        serving.result()
 
     async def kill(self, name: str) -> None:
         """Kill a service process with SIGKILL, as a crash would."""

@@ -36,7 +36,7 @@ async def _stream_with_consumer(url: str, replicas: int) -> nats.NATS:
     return client
 
 
-async def test_stall_watch_healthy_consumer_with_pending_events_is_left_alone(
+async def test_stall_watch_ignores_a_healthy_consumer(
     nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(stall, "CHECK_INTERVAL", 0.0)
@@ -54,7 +54,7 @@ async def test_stall_watch_healthy_consumer_with_pending_events_is_left_alone(
     assert watch.stepdowns == 0
 
 
-async def test_stall_watch_step_down_elects_a_new_consumer_leader(cluster: EmbeddedCluster) -> None:
+async def test_stall_watch_stepdown_elects_a_new_leader(cluster: EmbeddedCluster) -> None:
     client = await _stream_with_consumer(cluster.url, replicas=3)
     try:
         js = client.jetstream()

@@ -18,7 +18,7 @@ def _record_of(error: Exception) -> logging.LogRecord:
                                  (), sys.exc_info())
 
 
-def test_log_filter_drops_the_request_bytes_of_a_malformed_request() -> None:
+def test_log_filter_drops_request_bytes() -> None:
     record = _record_of(LineTooLong(b"Bearer secret-token-bytes", "8190"))
 
     _WithoutRequestBytes().filter(record)
@@ -26,7 +26,7 @@ def test_log_filter_drops_the_request_bytes_of_a_malformed_request() -> None:
     assert "secret" not in record.getMessage()
 
 
-def test_log_filter_drops_the_traceback_of_a_malformed_request() -> None:
+def test_log_filter_drops_the_traceback() -> None:
     record = _record_of(LineTooLong(b"Bearer secret-token-bytes", "8190"))
 
     _WithoutRequestBytes().filter(record)

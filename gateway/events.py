@@ -220,6 +220,12 @@ class EventStream:
         """Stream the events that match the ``subject`` query parameter until the client leaves."""
         if self._closing:
             return error_response(503, "the gateway is shutting down; retry later", reason="SHUTTING_DOWN")
+        if not self._nc.is_connected:
+            # Before the first connection and while reconnecting to NATS.
+            return error_response(
+                503, "live events are unavailable until the gateway reaches NATS; retry later",
+                reason="EVENTS_UNAVAILABLE", headers={"Retry-After": "2"},
+            )
         try:
             filter_subject, stream_name = self._parse_subject(request.query.get("subject"))
             start = _parse_start_point(request)

@@ -6,8 +6,12 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import nats
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
+from gateway.app import Gateway
+from gateway.events import EventStream
 from services.runtime.config import Settings
 from tests.helpers import wait_for
 from tests.integration.gateway_fixtures import Api, gateway_settings, running_gateway, running_system, token
@@ -140,3 +144,15 @@ async def test_gateway_events_stream_slot_is_freed_when_a_client_leaves(one_stre
             return again.status == 200
 
     assert await wait_for(reopened, timeout=10)
+
+
+async def test_gateway_events_before_nats_is_reached_is_503() -> None:
+    never_connected = nats.NATS()
+    front = Gateway(gateway_settings(), Settings(), events=EventStream(never_connected))
+    async with TestClient(TestServer(front.application(), host="127.0.0.1")) as client:
+        reply = await client.get(EVENTS_PATH, headers={"Authorization": f"Bearer {token()}"})
+        body = await reply.json()
+    await front.close()
+
+    assert reply.status == 503
+    assert [d.get("reason") for d in body["details"]] == ["EVENTS_UNAVAILABLE"], body

@@ -134,9 +134,20 @@ def _check_field(value: Any, field: FieldDescriptor, path: str) -> None:
     _check_single(value, field, path)
 
 
+# The JSON form of well-known types that are strings, and what to send instead.
+_STRING_FORMS = {
+    "google.protobuf.Timestamp": "an RFC 3339 timestamp string such as 2026-01-02T03:04:05Z",
+    "google.protobuf.Duration": "a duration string such as 1.5s",
+    "google.protobuf.FieldMask": "a string of comma-separated field paths such as displayName,email",
+}
+
+
 def _check_single(value: Any, field: FieldDescriptor, path: str) -> None:
     if field.message_type is not None:
-        if field.message_type.full_name not in _WELL_KNOWN_JSON:
+        name = field.message_type.full_name
+        if name in _STRING_FORMS and not isinstance(value, str):
+            raise RequestError(path, f"expected {_STRING_FORMS[name]}")
+        if name not in _WELL_KNOWN_JSON:
             check_json(value, field.message_type, path)
         return
     kind = field.type
@@ -187,6 +198,8 @@ def parse_body(raw: bytes, content_type: str) -> Any:
         )
     try:
         return json.loads(raw or b"{}")
+    except RecursionError:
+        raise RequestError("body", "JSON nested too deeply; send a flatter JSON object") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         position = ""
         if isinstance(exc, json.JSONDecodeError):
@@ -245,7 +258,8 @@ def _query_to_json(
         proto_path = []
         for parent in parents:
             field = _field_by_json_key(current, parent)
-            if field is None or field.message_type is None or field.is_repeated:
+            if (field is None or field.message_type is None or field.is_repeated
+                    or field.message_type.full_name in _WELL_KNOWN_JSON):
                 raise RequestError(name, f"unknown query parameter of {descriptor.name}; see /openapi.json")
             proto_path.append(field.name)
             node = node.setdefault(field.json_name, {})

@@ -102,8 +102,11 @@ async def users_written(api: Api) -> int:
         ('{"email": "ada@example.com", "revision": "twelve"}', "user.revision"),
         ('{"email": "ada@example.com", "createTime": "yesterday"}', "user.createTime"),
         ('["ada@example.com"]', "user"),
+        ('{"email": "ada@example.com", "createTime": {"seconds": 1}}', "user.createTime"),
+        ('{"email":' * 3000 + '"x"' + '}' * 3000, "body"),
     ],
-    ids=["malformed", "wrong-type", "misspelled", "stray", "twice", "bad-int64", "bad-timestamp", "array"],
+    ids=["malformed", "wrong-type", "misspelled", "stray", "twice", "bad-int64", "bad-timestamp", "array",
+         "timestamp-object", "nested-too-deep"],
 )
 async def test_gateway_create_user_bad_body_is_400_naming_the_field(api: Api, body: str, field: str) -> None:
     status, reply, _ = await api.call(

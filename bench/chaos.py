@@ -36,7 +36,7 @@ from services.runtime.cli.embedded_nats import (
     child_process_options,
     free_port,
 )
-from services.runtime.cli.supervisor import wait_until_serving
+from services.runtime.cli.supervisor import wait_until_ready_or_exit, wait_until_serving
 from tidings.inventory.v1 import inventory_service_pb2, inventory_service_pb2_grpc, product_pb2
 from tidings.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
 from tidings.payments.v1 import payment_service_pb2, payment_service_pb2_grpc
@@ -145,17 +145,12 @@ class System:
             *child_command([sys.executable, "-m", f"services.{service}.main"]), env=self.environment(name),
             stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, **child_process_options(),
         )
-        process = self.processes[name]
-        serving = asyncio.create_task(wait_until_serving(self.address(name), timeout=30))
-        exited = asyncio.create_task(process.wait())
-        await asyncio.wait({serving, exited}, return_when=asyncio.FIRST_COMPLETED)
-        if not serving.done():
-            serving.cancel()
-            await asyncio.gather(serving, return_exceptions=True)
+        problem = await wait_until_ready_or_exit(
+            wait_until_serving(self.address(name)), self.processes[name], timeout=30
+        )
+        if problem is not None:
             tail = (self.work_dir / f"{name}.log").read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"{name} exited with code {process.returncode} during start:\n{tail}")
-        exited.cancel()
-        serving.result()
+            raise RuntimeError(f"{name} {problem}:\n{tail}")
 
     async def kill(self, name: str) -> None:
         """Kill a service process with SIGKILL, as a crash would."""
@@ -404,7 +399,7 @@ async def _wait_until_consumed(system: System) -> list[str]:
                 try:
                     consumers = await js.consumers_info(stream)
                 except nats.errors.TimeoutError:
-                    # A cluster electing leaders answers no API request for a while.
+                    # A cluster that is electing leaders returns no API reply for a while.
                     waiting[stream] = -1
                     continue
                 for consumer in consumers:
@@ -574,9 +569,9 @@ def _explanations() -> list[str]:
         "back (the process restarted and SERVING, the server accepting connections, or the "
         "process resumed).",
         "- **Stalled consumers restarted** counts the times a service found its durable consumer "
-        "stuck (the stream held events on its subjects past the consumer's delivered sequence while "
-        "the server reported nothing pending) and asked the server to elect a new consumer leader. "
-        "nats-server 2.15.1 does this in some *cluster-node-kill* runs; docs/delivery.md explains it.",
+        "stuck and requested a new consumer leader. A consumer is stuck when the stream contains "
+        "events on its subjects past its delivered sequence while the server reports nothing pending. "
+        "nats-server 2.15.1 does this in some *cluster-node-kill* runs, as docs/delivery.md explains.",
         "- Final states, stock and money are checked as in the saga invariant test: every order "
         "final, reserved stock back to 0, stock = start - confirmed units, and per user top-ups = "
         "balance + charges of confirmed orders.",

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from services.runtime.cli.embedded_nats import EmbeddedNats
-from services.runtime.cli.supervisor import wait_until_http_ok, wait_until_serving
+from services.runtime.cli.supervisor import wait_until_http_ok, wait_until_ready_or_exit, wait_until_serving
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -145,18 +145,11 @@ class Child:
         self, check: Coroutine[Any, Any, None], target: str, ready_state: str, timeout: float
     ) -> None:
         """Wait until check returns, and raise RuntimeError when the child exits first or time runs out."""
-        ready = asyncio.create_task(check)
-        exited = asyncio.create_task(self.process.wait())
-        try:
-            done, _ = await asyncio.wait(
-                {ready, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            ready.cancel()
-            exited.cancel()
-        if ready in done and ready.exception() is None:
+        problem = await wait_until_ready_or_exit(check, self.process, timeout)
+        if problem is None:
             return
-        reason = "exited during start" if exited in done else f"not {ready_state} within {timeout:.0f}s"
+        exited = problem.startswith("exited")
+        reason = "exited during start" if exited else f"not {ready_state} within {timeout:.0f}s"
         raise RuntimeError(f"{self.name} at {target}: {reason}: {self.describe_failure()}")
 
     async def stop(self, timeout: float = STOP_TIMEOUT) -> None:

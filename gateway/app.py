@@ -23,7 +23,7 @@ from gateway.cors import CorsPolicy
 from gateway.errors import ERROR_DOMAIN, HTTP_STATUS_OF_CODE, error_response, status_response
 from gateway.identity import identity_metadata
 from gateway.ratelimit import TokenBuckets, retry_after_header
-from gateway.routes import EVENTS_SCOPE, Route, load_routes
+from gateway.routes import EVENTS_PATH, EVENTS_SCOPE, Route, load_routes
 from gateway.settings import GatewaySettings
 from gateway.transcode import RequestError, build_request, parse_body, response_json
 from services.runtime.config import Settings
@@ -122,8 +122,8 @@ class Gateway:
             )
 
         if self.events is not None:
-            app.router.add_get("/v1/events", self._stream_events)
-            protected[("GET", "/v1/events")] = middleware.Protected("/v1/events", EVENTS_SCOPE)
+            app.router.add_get(EVENTS_PATH, self._stream_events)
+            protected[("GET", EVENTS_PATH)] = middleware.Protected(EVENTS_PATH, EVENTS_SCOPE)
         app.router.add_get("/healthz", self._healthz)
         for name in API_DOCUMENTS:
             app.router.add_get(f"/{name}", self._document)
@@ -218,12 +218,12 @@ class Gateway:
         if text is None:
             return limit
         try:
-            asked = float(text)
+            requested = float(text)
         except ValueError:
-            asked = math.nan
-        if not math.isfinite(asked) or asked <= 0:
+            requested = math.nan
+        if not math.isfinite(requested) or requested <= 0:
             raise RequestError(REQUEST_TIMEOUT_HEADER, f"expected seconds greater than 0, got {text!r}")
-        return min(asked, limit)
+        return min(requested, limit)
 
     def _metadata(self, request: web.Request, request_id: str) -> list[tuple[str, str]]:
         metadata = [("x-request-id", _metadata_value(request_id))]

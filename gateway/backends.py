@@ -1,10 +1,10 @@
 """Channels to the gRPC services: load balancing, retries, deadlines, TLS.
 
-gRPC itself does the balancing (``round_robin`` over every address of a
-backend, skipping replicas that are down) and the retries (a retry policy
-for methods without side effects, throttled by a token budget per channel),
-configured through the channel's service config. The gateway adds what gRPC
-lacks: a circuit breaker per backend.
+gRPC itself balances calls with ``round_robin`` over every address of a
+backend, skipping replicas that are down. It also retries methods without
+side effects, throttled by a token budget per channel. Both are set in the
+channel's service config. The gateway adds what gRPC lacks: a circuit
+breaker per backend.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
 from gateway.routes import Route
 from gateway.settings import GatewaySettings
+from services.runtime.clients import read_setting_file
 
 
 class BackendConfigError(ValueError):
@@ -89,12 +90,7 @@ def service_config(routes: Iterable[Route], settings: GatewaySettings) -> dict[s
 
 
 def _read(path: Path | None, setting: str) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise BackendConfigError(f"cannot read {setting}={str(path)!r}: {exc.strerror}") from exc
+    return None if path is None else read_setting_file(path, setting)
 
 
 def channel_credentials(settings: GatewaySettings) -> grpc.ChannelCredentials | None:

@@ -30,6 +30,7 @@ from gateway.auth import Authenticator, AuthError, Caller, require_scopes
 from gateway.cors import CorsPolicy
 from gateway.errors import error_response
 from gateway.ratelimit import TokenBuckets, retry_after_header
+from gateway.routes import EVENTS_PATH
 from observability.propagation import extract_context
 
 logger = logging.getLogger("gateway.http")
@@ -54,7 +55,6 @@ class Protected:
 
 
 MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
-EVENTS_TEMPLATE = "/v1/events"
 
 # Routes not listed here (health, API documents) are open to anyone.
 PROTECTED = web.AppKey("protected", dict[tuple[str, str], Protected])
@@ -117,8 +117,8 @@ async def tracing(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 def _request_id(request: web.Request) -> str:
     """Return the client's X-Request-Id when it is 1 to 128 characters, else a new UUID."""
-    given = request.headers.get("X-Request-Id", "")
-    return given if 0 < len(given) <= 128 else str(uuid.uuid4())
+    client_id = request.headers.get("X-Request-Id", "")
+    return client_id if 0 < len(client_id) <= 128 else str(uuid.uuid4())
 
 
 async def add_response_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -195,13 +195,13 @@ def cors(policy: CorsPolicy) -> Middleware:
                 request.headers.get("Access-Control-Request-Headers"),
             )
             if status >= 400:
-                why = policy.rejection(
+                cause = policy.rejection(
                     origin,
                     request.headers.get("Access-Control-Request-Method"),
                     request.headers.get("Access-Control-Request-Headers"),
                 )
                 return error_response(
-                    status, f"cross-origin request rejected: {why}", reason="CORS_REJECTED", headers=headers
+                    status, f"cross-origin request rejected: {cause}", reason="CORS_REJECTED", headers=headers
                 )
             return web.Response(status=status, headers=headers)
 
@@ -220,7 +220,7 @@ def _authorization(request: web.Request, protected: Protected) -> str | None:
     URL can end up in proxy and browser history.
     """
     header = request.headers.get("Authorization")
-    if header is None and protected.template == EVENTS_TEMPLATE and "access_token" in request.query:
+    if header is None and protected.template == EVENTS_PATH and "access_token" in request.query:
         return f"Bearer {request.query['access_token']}"
     return header
 

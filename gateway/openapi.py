@@ -17,7 +17,7 @@ from google.api import annotations_pb2, http_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from google.rpc import status_pb2
 
-from gateway.routes import EVENTS_SCOPE, required_scope
+from gateway.routes import EVENTS_PATH, EVENTS_SCOPE, required_scope
 from gateway.schemas import SCHEMA_REF_PREFIX, JSONObject, SchemaBuilder, is_scalar_well_known
 from tidings.inventory.v1 import inventory_service_pb2
 from tidings.notifications.v1 import notification_service_pb2
@@ -37,7 +37,6 @@ SERVICE_MODULES: tuple[ModuleType, ...] = (
 )
 
 BEARER_SCHEME = "bearerAuth"
-EVENTS_PATH = "/v1/events"
 JSON_CONTENT_TYPE = "application/json"
 
 _HTTP_METHODS = ("get", "put", "post", "delete", "patch")

@@ -1,7 +1,7 @@
 """The route table: one HTTP route per RPC, read from its google.api.http rule.
 
 Routes come from the descriptors of the generated modules, so a method
-gains its REST route by its proto annotation alone; nothing here lists
+gains its REST route by its proto annotation alone. Nothing here lists
 methods by hand.
 """
 
@@ -26,6 +26,7 @@ from tidings.users.v1 import user_service_pb2
 
 # The scope the live event stream (GET /v1/events) requires.
 EVENTS_SCOPE = "events:read"
+EVENTS_PATH = "/v1/events"
 
 # The service modules the gateway serves, keyed by the backend (process) name.
 SERVICE_MODULES: dict[str, ModuleType] = {

@@ -11,7 +11,8 @@ from services.runtime.config import Settings
 from services.runtime.errors import ConfigurationError
 
 
-def _read(path: Path, variable: str) -> bytes:
+def read_setting_file(path: Path, variable: str) -> bytes:
+    """Return the bytes of a file a setting names, or raise ConfigurationError naming both."""
     try:
         return path.read_bytes()
     except OSError as exc:
@@ -29,11 +30,11 @@ def client_credentials(settings: Settings) -> grpc.ChannelCredentials | None:
         return None
     root = None
     if settings.tls_client_ca_file is not None:
-        root = _read(settings.tls_client_ca_file, "TIDINGS_TLS_CLIENT_CA_FILE")
+        root = read_setting_file(settings.tls_client_ca_file, "TIDINGS_TLS_CLIENT_CA_FILE")
     return grpc.ssl_channel_credentials(
         root_certificates=root,
-        private_key=_read(settings.tls_key_file, "TIDINGS_TLS_KEY_FILE"),
-        certificate_chain=_read(settings.tls_cert_file, "TIDINGS_TLS_CERT_FILE"),
+        private_key=read_setting_file(settings.tls_key_file, "TIDINGS_TLS_KEY_FILE"),
+        certificate_chain=read_setting_file(settings.tls_cert_file, "TIDINGS_TLS_CERT_FILE"),
     )
 
 
@@ -43,9 +44,9 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         return None
     client_ca = None
     if settings.tls_client_ca_file is not None:
-        client_ca = _read(settings.tls_client_ca_file, "TIDINGS_TLS_CLIENT_CA_FILE")
-    key = _read(settings.tls_key_file, "TIDINGS_TLS_KEY_FILE")
-    chain = _read(settings.tls_cert_file, "TIDINGS_TLS_CERT_FILE")
+        client_ca = read_setting_file(settings.tls_client_ca_file, "TIDINGS_TLS_CLIENT_CA_FILE")
+    key = read_setting_file(settings.tls_key_file, "TIDINGS_TLS_KEY_FILE")
+    chain = read_setting_file(settings.tls_cert_file, "TIDINGS_TLS_CERT_FILE")
     return grpc.ssl_server_credentials(
         [(key, chain)],
         root_certificates=client_ca,

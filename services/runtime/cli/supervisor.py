@@ -9,6 +9,7 @@ import os
 import secrets
 import signal
 import sys
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -298,6 +299,24 @@ async def wait_until_http_ok(url: str, timeout: float | None = None) -> None:
                     if reply.status == 200:
                         return
             await asyncio.sleep(0.1)
+
+
+async def wait_until_ready_or_exit(
+    check: Coroutine[Any, Any, None], process: asyncio.subprocess.Process, timeout: float
+) -> str | None:
+    """Run check until it returns; return None then, or why not ("exited ...", "not ready ...")."""
+    ready = asyncio.create_task(check)
+    exited = asyncio.create_task(process.wait())
+    try:
+        done, _ = await asyncio.wait({ready, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        ready.cancel()
+        exited.cancel()
+    if ready in done and ready.exception() is None:
+        return None
+    if exited in done:
+        return f"exited with code {process.returncode} during start"
+    return f"not ready within {timeout:.0f} s"
 
 
 def discover_nats_url(settings: Settings) -> str:

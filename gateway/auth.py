@@ -350,6 +350,7 @@ class Authenticator:
                 f"no JWT verification key is configured; set {env_name('jwt_hs256_secret')}, "
                 f"{env_name('jwt_public_key_file')} or {env_name('jwt_jwks_file')}"
             )
+
         self._keys_by_kid: dict[str, VerificationKey] = {}
         for key in self._keys:
             if key.kid is None:
@@ -359,14 +360,17 @@ class Authenticator:
                     f"{self._keys_by_kid[key.kid].source} and {key.source} have the same kid {key.kid!r}"
                 )
             self._keys_by_kid[key.kid] = key
+
         self._keys_by_algorithm: dict[str, tuple[VerificationKey, ...]] = {
             algorithm: tuple(key for key in self._keys if key.algorithm == algorithm)
             for algorithm in SUPPORTED_ALGORITHMS
             if any(key.algorithm == algorithm for key in self._keys)
         }
+
         self._issuer = issuer
         self._audience = audience
         self._leeway = leeway
+
         # NOTE: without a configured audience the aud claim is not checked at all,
         # so tokens that the same issuer made for other services are accepted too.
         self._options: jwt.types.Options = {
@@ -377,6 +381,7 @@ class Authenticator:
             "verify_iat": False,
             "enforce_minimum_key_length": True,
         }
+
         logger.info(
             "JWT verification keys loaded",
             extra={

@@ -155,12 +155,12 @@ class CorsPolicy:
             return f"origin {origin!r} is not in TIDINGS_GATEWAY_CORS_ORIGINS"
         if request_method not in self._methods:
             return f"method {request_method!r} is not allowed; allowed: {', '.join(self._methods)}"
-        refused = [
+        rejected = [
             name.strip() for name in (request_headers or "").split(",")
             if name.strip() and name.strip().lower() not in self._allowed_header_keys
         ]
         allowed = ", ".join(self._allowed_headers)
-        return f"request header {', '.join(refused)!r} is not allowed; allowed: {allowed}"
+        return f"request header {', '.join(rejected)!r} is not allowed; allowed: {allowed}"
 
     def response_headers(self, origin: str | None) -> dict[str, str]:
         """Return the CORS headers to add to an actual, non-preflight response.

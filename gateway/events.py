@@ -110,7 +110,7 @@ _ORDINARY_END_REASONS = frozenset({_CLIENT_DISCONNECTED, _HANDLER_CANCELLED, _SH
 
 
 class _InvalidRequest(Exception):
-    """Invalid query parameter or header, answered with a 400 that names the field."""
+    """Invalid query parameter or header, rejected with a 400 that names the field."""
 
     def __init__(self, field: str, description: str) -> None:
         super().__init__(f"{field}: {description}")

@@ -2,8 +2,8 @@
 
 json_format does the conversion. Before it runs, ``check_json`` walks the
 JSON against the message descriptor, because json_format's errors name
-fields inconsistently and speak of Python internals; a client should read
-"user.emial: unknown field" and not "invalid literal for int()".
+fields inconsistently and quote Python internals. A client should read
+"user.emial: unknown field", not "invalid literal for int()".
 """
 
 from __future__ import annotations
@@ -284,9 +284,9 @@ def build_request(
 ) -> Message:
     """Build the protobuf request of route from the path, query string and decoded body.
 
-    The body maps onto the rule's body field (or the whole request for
-    ``*``); path variables are set on top of it; remaining fields come from
-    the query string. A field given in two places is an error, not a guess.
+    The body maps onto the rule's body field, or the whole request for
+    ``*``. Path variables are set on top of it, and the remaining fields come
+    from the query string. A field given in two places is an error, not a guess.
 
     Raises:
         RequestError: Naming the first field that is wrong.

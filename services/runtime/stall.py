@@ -1,12 +1,13 @@
 """A watch for durable consumers that the server stopped feeding.
 
 On a JetStream cluster, a consumer can stop delivering after the stream or
-consumer leader moves to another node: its leader reports nothing pending
-while the stream stores newer messages on the consumer's subjects. Our chaos
-scenario that kills one node of three hits this with nats-server 2.15.1 (in
-about one run of three under load), and nats-server issues #5679, #6290 and
-#7664 report the same symptom. A new consumer leader computes the pending
-messages afresh and delivers them, so the watch asks for one.
+consumer leader moves to another node. Its leader then reports nothing
+pending while the stream stores newer messages on the consumer's subjects.
+With nats-server 2.15.1, the chaos scenario that kills one node of three hit
+this in 2 of 6 runs on a loaded machine; the nats-server GitHub issues
+#5679, #6290 and #7664 report the same symptom. A new consumer leader
+computes the pending messages afresh and delivers them, so the watch
+requests one.
 """
 
 from __future__ import annotations

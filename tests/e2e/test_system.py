@@ -377,3 +377,9 @@ async def _spans_when(
     spans = receiver.spans_of_trace(trace_id)
     present = {(s.service, s.kind) for s in spans}
     return spans if all(item in present for item in wanted) else None
+
+
+def test_tidings_up_records_the_gateway_url(tidings_up: RunningSystem) -> None:
+    recorded = (tidings_up.data_dir / "gateway.url").read_text()
+
+    assert recorded == tidings_up.gateway_url

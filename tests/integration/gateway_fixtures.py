@@ -58,7 +58,7 @@ def token(subject: str = "ada", scopes: Iterable[str] = ALL_SCOPES) -> str:
 
 @dataclass
 class Api:
-    """An HTTP client of the test gateway that sends a bearer token unless told not to."""
+    """An HTTP client of the test gateway that sends a bearer token unless bearer=None."""
 
     session: aiohttp.ClientSession
     base: str

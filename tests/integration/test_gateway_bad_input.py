@@ -108,7 +108,7 @@ async def users_written(api: Api) -> int:
     ids=["malformed", "wrong-type", "misspelled", "stray", "twice", "bad-int64", "bad-timestamp", "array",
          "timestamp-object", "nested-too-deep"],
 )
-async def test_gateway_create_user_bad_body_is_400_naming_the_field(api: Api, body: str, field: str) -> None:
+async def test_create_user_bad_body_names_field(api: Api, body: str, field: str) -> None:
     status, reply, _ = await api.call(
         "POST", "/v1/users", data=body, headers={"Content-Type": "application/json"}
     )
@@ -119,7 +119,7 @@ async def test_gateway_create_user_bad_body_is_400_naming_the_field(api: Api, bo
     assert written == 0, "the rejected request created a user"
 
 
-async def test_gateway_place_order_stray_top_level_field_is_400(api: Api) -> None:
+async def test_place_order_stray_field_is_400(api: Api) -> None:
     status, reply, _ = await api.call(
         "POST", "/v1/orders", json={"userId": "u", "lineItems": [], "priority": "high"}
     )
@@ -185,7 +185,7 @@ async def test_gateway_wrong_method_is_405_with_allow(api: Api) -> None:
     assert headers.get("Allow") == "GET, POST"
 
 
-async def test_gateway_non_ascii_request_id_is_forwarded_and_echoed(api: Api) -> None:
+async def test_non_ascii_request_id_is_echoed(api: Api) -> None:
     status, reply, headers = await api.call("GET", "/v1/users", headers={"X-Request-Id": "zoë-42"})
 
     assert status == 200, reply
@@ -333,7 +333,7 @@ async def test_gateway_preflight_from_allowed_origin_echoes_it(api: Api) -> None
     assert headers.get("Access-Control-Allow-Credentials") == "true"
 
 
-async def test_gateway_preflight_from_disallowed_origin_is_403_without_allow_origin(api: Api) -> None:
+async def test_preflight_disallowed_origin_is_403(api: Api) -> None:
     status, reply, headers = await api.call(
         "OPTIONS", "/v1/users", bearer=None,
         headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
@@ -343,7 +343,7 @@ async def test_gateway_preflight_from_disallowed_origin_is_403_without_allow_ori
     assert headers.get("Access-Control-Allow-Origin") is None
 
 
-async def test_gateway_response_to_disallowed_origin_has_no_allow_origin(api: Api) -> None:
+async def test_disallowed_origin_gets_no_allow_origin(api: Api) -> None:
     _, _, headers = await api.call("GET", "/v1/users", headers={"Origin": "https://evil.example"})
 
     assert headers.get("Access-Control-Allow-Origin") is None
@@ -357,7 +357,7 @@ async def test_gateway_credentialed_response_never_uses_a_wildcard(api: Api) -> 
 
 # Rate limits.
 
-async def test_gateway_rate_limit_exhaustion_is_429_with_retry_after(settings: Settings) -> None:
+async def test_rate_limit_exhausted_is_429(settings: Settings) -> None:
     limited = gateway_settings(rate_limit_per_second=0.01, rate_limit_burst=2)
     async with running_system(settings, ["users"]), running_gateway(settings, limited) as (_, api):
         for _ in range(2):
@@ -378,7 +378,7 @@ async def test_gateway_rate_limit_is_per_caller(settings: Settings) -> None:
     assert status == 200
 
 
-async def test_gateway_error_of_its_own_echoes_the_request_id(api: Api) -> None:
+async def test_gateway_error_echoes_request_id(api: Api) -> None:
     status, _, headers = await api.call("GET", "/v1/users", bearer=None, headers={"X-Request-Id": "req-401"})
 
     assert status == 401

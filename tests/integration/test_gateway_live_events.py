@@ -82,7 +82,7 @@ async def test_gateway_events_arrive_in_order(api: Api) -> None:
     ]
 
 
-async def test_gateway_events_resume_after_last_event_id_without_gaps_or_repeats(api: Api) -> None:
+async def test_events_resume_without_gaps_or_repeats(api: Api) -> None:
     await create_users(api, 4)
     first = await read_events(api, 2, {"Authorization": f"Bearer {token()}"})
 
@@ -93,7 +93,7 @@ async def test_gateway_events_resume_after_last_event_id_without_gaps_or_repeats
     assert [int(e["id"]) for e in first + rest] == [1, 2, 3, 4]
 
 
-async def test_gateway_events_take_the_token_as_a_query_parameter(api: Api) -> None:
+async def test_events_take_token_as_query_parameter(api: Api) -> None:
     await create_users(api, 1)
 
     events = await read_events(api, 1, {}, path=f"{EVENTS_PATH}&access_token={token()}")
@@ -101,7 +101,7 @@ async def test_gateway_events_take_the_token_as_a_query_parameter(api: Api) -> N
     assert events[0]["event"]["data"]["user"]["email"] == "user0@example.com"
 
 
-async def test_gateway_access_token_parameter_is_refused_on_other_routes(api: Api) -> None:
+async def test_access_token_parameter_rejected_elsewhere(api: Api) -> None:
     status, _, _ = await api.call("GET", f"/v1/users?access_token={token()}", bearer=None)
 
     assert status == 401
@@ -133,7 +133,7 @@ async def test_gateway_events_limit_open_streams_per_caller(one_stream_api: Api)
     assert [d.get("reason") for d in body["details"]] == ["TOO_MANY_STREAMS"], body
 
 
-async def test_gateway_events_stream_slot_is_freed_when_a_client_leaves(one_stream_api: Api) -> None:
+async def test_stream_slot_freed_after_client_leaves(one_stream_api: Api) -> None:
     api = one_stream_api
     headers = {"Authorization": f"Bearer {token()}"}
     async with api.session.get(api.base + EVENTS_PATH, headers=headers) as first:

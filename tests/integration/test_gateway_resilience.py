@@ -1,7 +1,7 @@
 """Gateway toward its backends: balancing, replicas stopping, retries, breaker, deadlines, identity.
 
 The backends are small UserService servers of the test's own, so that it
-can stop a replica, see which replica answered and read the metadata a
+can stop a replica, see which replica served a call and read the metadata a
 call arrived with.
 """
 
@@ -28,7 +28,7 @@ IDENTITY_SECRET = "identity-secret-shared-by-gateway-and-services"
 
 @dataclass
 class Replica(user_service_pb2_grpc.UserServiceServicer):
-    """A UserService replica that answers with its name and records what it received."""
+    """A UserService replica that returns its name and records what it received."""
 
     name: str
     port: int
@@ -101,7 +101,7 @@ async def test_gateway_keeps_answering_when_a_replica_stops(api: Api, replicas: 
     assert set(names) == {"a"}
 
 
-async def test_gateway_does_not_retry_a_call_with_side_effects(api: Api, replicas: list[Replica]) -> None:
+async def test_gateway_does_not_retry_writes(api: Api, replicas: list[Replica]) -> None:
     status, body, _ = await api.call("POST", "/v1/users", json={"email": "ada@example.com"})
 
     assert status == 503, body

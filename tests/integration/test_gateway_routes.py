@@ -104,7 +104,7 @@ async def test_gateway_delete_user_then_get_is_404(api: Api) -> None:
     assert body["code"] == 5, body
 
 
-async def test_gateway_create_user_retry_with_request_id_returns_the_same_user(api: Api) -> None:
+async def test_create_user_retry_returns_same_user(api: Api) -> None:
     key = str(uuid.uuid4())
     payload = {"email": "grace@example.com", "displayName": "Grace"}
 
@@ -114,7 +114,7 @@ async def test_gateway_create_user_retry_with_request_id_returns_the_same_user(a
     assert first["user"]["id"] == second["user"]["id"]
 
 
-async def test_gateway_duplicate_email_is_409_with_the_service_status(api: Api) -> None:
+async def test_duplicate_email_is_409(api: Api) -> None:
     await create_user(api)
 
     payload = {"email": "ada@example.com", "displayName": "A"}
@@ -224,3 +224,9 @@ async def test_gateway_serves_the_asyncapi_document_without_a_token(api: Api) ->
 
     assert status == 200, body
     assert body["asyncapi"] == "3.0.0"
+
+
+async def test_gateway_hides_the_server_version(api: Api) -> None:
+    _, _, headers = await api.call("GET", "/v1/users")
+
+    assert headers.get("Server") == "tidings-gateway"

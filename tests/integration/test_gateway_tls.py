@@ -154,7 +154,7 @@ async def test_orders_calls_users_over_mtls(https_url: str, pki: Pki) -> None:
     assert body["code"] == 5, body
 
 
-async def test_service_with_client_ca_refuses_a_client_without_a_certificate(
+async def test_service_rejects_client_without_certificate(
     tls_settings: Settings, pki: Pki
 ) -> None:
     credentials = grpc.ssl_channel_credentials(root_certificates=pki.ca.read_bytes())

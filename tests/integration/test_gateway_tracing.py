@@ -39,7 +39,7 @@ async def test_gateway_span_continues_a_valid_client_traceparent(
     assert format(span.context.trace_id, "032x") == CLIENT_TRACE_ID
 
 
-async def test_gateway_span_is_a_child_of_the_client_span(api: Api, spans: InMemorySpanExporter) -> None:
+async def test_gateway_span_is_client_span_child(api: Api, spans: InMemorySpanExporter) -> None:
     await api.call("GET", "/v1/users", headers={"traceparent": f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-01"})
 
     span = await server_span_of(spans, "GET /v1/users")

@@ -63,9 +63,9 @@ def child_command(command: Sequence[str]) -> list[str]:
     """Return command so that, on Linux, the child gets SIGTERM when this process dies.
 
     A killed parent then leaves no orphans behind. The usual way, a
-    preexec_fn, runs Python between fork and exec, which can deadlock the
-    parent while gRPC threads run (gRPC's fork handlers); this way the parent
-    forks nothing but a plain exec. command[0] must be an absolute path.
+    preexec_fn, runs Python between fork and exec. That can hang the parent
+    inside fork while gRPC threads run, because gRPC's fork handlers block.
+    Here the parent only starts a plain exec. command[0] must be an absolute path.
     """
     if not sys.platform.startswith("linux"):
         return list(command)

@@ -12,12 +12,12 @@ from services.runtime.config import Settings
 
 
 def every_scope() -> list[str]:
-    """Every scope some gateway route asks for."""
+    """Return every scope that some gateway route requires."""
     return sorted({route.scope for route in load_routes()} | {EVENTS_SCOPE})
 
 
 def local_jwt_secret(settings: Settings) -> str | None:
-    """The HS256 secret of the gateway: the environment's, else the one `tidings up` made."""
+    """Return the gateway's HS256 secret: the environment's, else the one `tidings up` made."""
     configured = os.environ.get("TIDINGS_GATEWAY_JWT_HS256_SECRET")
     if configured:
         return configured

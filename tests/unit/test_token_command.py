@@ -1,0 +1,58 @@
+"""`tidings token` and how `tidings up` names the gateway's URL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jwt
+import pytest
+
+from services.runtime.cli.supervisor import Supervisor
+from services.runtime.cli.token import print_token
+from services.runtime.config import Settings
+
+SECRET = "a-local-secret-that-is-long-enough-for-hs256"
+
+
+@pytest.fixture
+def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    monkeypatch.delenv("TIDINGS_GATEWAY_JWT_HS256_SECRET", raising=False)
+    monkeypatch.delenv("TIDINGS_GATEWAY_TLS_CERT_FILE", raising=False)
+    return Settings(data_dir=tmp_path / "data")
+
+
+def _write_secret(settings: Settings) -> None:
+    path = settings.data_dir / "secrets" / "jwt"
+    path.parent.mkdir(parents=True)
+    path.write_text(SECRET)
+
+
+def test_token_without_a_secret_exits_with_2(settings: Settings) -> None:
+    assert print_token(settings, "ada", None, 60) == 2
+
+
+def test_token_with_an_unknown_scope_exits_with_2(settings: Settings) -> None:
+    _write_secret(settings)
+
+    assert print_token(settings, "ada", ["users:admin"], 60) == 2
+
+
+def test_token_carries_the_chosen_scope(settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+    _write_secret(settings)
+
+    print_token(settings, "ada", ["users:read"], 60)
+
+    claims = jwt.decode(capsys.readouterr().out.strip(), SECRET, algorithms=["HS256"])
+    assert claims["scope"] == "users:read"
+
+
+def test_supervisor_gateway_url_is_http_by_default(settings: Settings) -> None:
+    assert Supervisor(settings)._gateway_url() == "http://127.0.0.1:8080"
+
+
+def test_supervisor_gateway_url_is_https_with_a_certificate(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TIDINGS_GATEWAY_TLS_CERT_FILE", "/etc/gateway.pem")
+
+    assert Supervisor(settings)._gateway_url() == "https://127.0.0.1:8080"

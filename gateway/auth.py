@@ -29,6 +29,8 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.algorithms import HMACAlgorithm
 from jwt.exceptions import InvalidJTIError, InvalidSubjectError
 
+from gateway.caller import MIN_HMAC_SECRET_BYTES, Caller
+
 if TYPE_CHECKING:
     from gateway.settings import GatewaySettings
 
@@ -36,8 +38,6 @@ logger = logging.getLogger(__name__)
 
 SUPPORTED_ALGORITHMS = ("HS256", "RS256", "ES256")
 
-# RFC 7518 section 3.2: an HS256 key must be at least as long as the SHA-256 output.
-MIN_HMAC_SECRET_BYTES = 32
 # NIST SP 800-131A disallows RSA signature keys shorter than 2048 bits.
 MIN_RSA_KEY_BITS = 2048
 
@@ -91,15 +91,6 @@ class AuthError(Exception):
 
 class AuthConfigError(ValueError):
     """A key or setting that the authenticator cannot use, raised when it is built."""
-
-
-@dataclass(frozen=True)
-class Caller:
-    """The authenticated client of a request: the token's subject, scopes and ``jti``."""
-
-    subject: str
-    scopes: frozenset[str]
-    token_id: str | None = None
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from urllib.parse import quote, unquote
 
 import grpc
 
-from gateway.auth import MIN_HMAC_SECRET_BYTES, Caller
+from gateway.caller import MIN_HMAC_SECRET_BYTES, Caller
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,8 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from gateway.auth import Authenticator, AuthError, Caller, require_scopes
+from gateway.auth import Authenticator, AuthError, require_scopes
+from gateway.caller import Caller
 from gateway.cors import CorsPolicy
 from gateway.errors import error_response
 from gateway.ratelimit import TokenBuckets, retry_after_header

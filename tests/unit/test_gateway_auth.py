@@ -26,13 +26,13 @@ from gateway.auth import (
     AuthConfigError,
     Authenticator,
     AuthError,
-    Caller,
     hs256_key,
     mint_hs256_token,
     public_key_from_pem,
     public_keys_from_jwks,
     require_scopes,
 )
+from gateway.caller import Caller
 from gateway.settings import GatewaySettings
 
 SECRET = "test-hs256-secret-that-is-long-enough-0123456789"

@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import pytest
 
-from gateway.auth import Caller
+from gateway.caller import Caller
 from gateway.identity import (
     EXPIRES_KEY,
     SCOPES_KEY,

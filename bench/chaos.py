@@ -37,6 +37,7 @@ from services.runtime.cli.embedded_nats import (
     free_port,
 )
 from services.runtime.cli.supervisor import wait_until_ready_or_exit, wait_until_serving
+from services.runtime.launch import service_command
 from tidings.inventory.v1 import inventory_service_pb2, inventory_service_pb2_grpc, product_pb2
 from tidings.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
 from tidings.payments.v1 import payment_service_pb2, payment_service_pb2_grpc
@@ -142,7 +143,7 @@ class System:
         service = name.removesuffix("-replica")
         log = (self.work_dir / f"{name}.log").open("ab")
         self.processes[name] = await asyncio.create_subprocess_exec(
-            *child_command([sys.executable, "-m", f"services.{service}.main"]), env=self.environment(name),
+            *child_command(service_command(f"services.{service}.main")), env=self.environment(name),
             stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, **child_process_options(),
         )
         problem = await wait_until_ready_or_exit(

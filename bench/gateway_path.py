@@ -15,6 +15,7 @@ from bench.processes import Child, NatsChild, ProcessSet, cpu_seconds, free_port
 from bench.results import PhaseResult
 from bench.tidings_path import service_environment, service_problems, start_otlp_receiver
 from gateway.auth import mint_hs256_token
+from services.runtime.launch import service_arguments
 from tidings.users.v1 import user_pb2, user_service_pb2, user_service_pb2_grpc
 
 # Subject and scopes of the harness's bearer token. GET /v1/users/{id} requires users:read.
@@ -40,7 +41,9 @@ async def measure_direct_get_user(
     environment = _phase_environment(
         nats_server, work_dir / "data-get-user-grpc", {"users": users_address}, otlp_port=None
     )
-    users = await processes.start_python(f"users ({label})", ["-m", "services.users.main"], environment)
+    users = await processes.start_python(
+        f"users ({label})", service_arguments("services.users.main"), environment
+    )
     await users.wait_until_serving(users_address)
 
     async with grpc.aio.insecure_channel(users_address) as channel:
@@ -89,7 +92,9 @@ async def measure_gateway_get_user(
         "TIDINGS_GATEWAY_RATE_LIMIT_PER_SECOND": str(RATE_LIMIT_PER_SECOND),
         "TIDINGS_GATEWAY_RATE_LIMIT_BURST": str(requests),
     }
-    users = await processes.start_python(f"users ({label})", ["-m", "services.users.main"], environment)
+    users = await processes.start_python(
+        f"users ({label})", service_arguments("services.users.main"), environment
+    )
     gateway = await processes.start_python(f"gateway ({label})", ["-m", "gateway.main"], gateway_environment)
     await users.wait_until_serving(users_address)
     await gateway.wait_until_http_ok(f"http://{gateway_address}/healthz")

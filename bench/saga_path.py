@@ -29,6 +29,7 @@ from services.orders.transitions import (
     SUBJECT_REJECTED,
 )
 from services.payments.handlers import SUBJECT_CAPTURED
+from services.runtime.launch import service_arguments
 from services.runtime.streams import INVENTORY, ORDERS, PAYMENTS, USERS
 from tidings.inventory.v1 import inventory_service_pb2, inventory_service_pb2_grpc, product_pb2
 from tidings.orders.v1 import order_pb2, order_service_pb2, order_service_pb2_grpc
@@ -150,7 +151,7 @@ async def measure_place_order(
     children: dict[str, Child] = {}
     for service in SERVICES:
         children[service] = await processes.start_python(
-            f"{service} (PlaceOrder, {label})", ["-m", f"services.{service}.main"], environment
+            f"{service} (PlaceOrder, {label})", service_arguments(f"services.{service}.main"), environment
         )
     await asyncio.gather(
         *(children[service].wait_until_serving(addresses[service]) for service in SERVICES)

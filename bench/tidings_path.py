@@ -18,6 +18,7 @@ from bench.phases import CALL_TIMEOUT, Load, wait_for_result
 from bench.processes import Child, ProcessSet, child_environment, cpu_seconds, free_ports
 from bench.results import PhaseResult
 from bench.stats import CallStats, drive_calls, summarize_ms
+from services.runtime.launch import service_arguments
 from services.runtime.streams import USERS
 from tidings.notifications.v1 import (
     notification_pb2,
@@ -129,9 +130,9 @@ async def measure_tidings(
         {"users": addresses.users, "notifications": addresses.notifications}, otlp_port,
         nats_server.server.monitor_url,
     )
-    users = await processes.start_python(f"users ({label})", ["-m", users_module], environment)
+    users = await processes.start_python(f"users ({label})", service_arguments(users_module), environment)
     notifications = await processes.start_python(
-        f"notifications ({label})", ["-m", "services.notifications.main"], environment
+        f"notifications ({label})", service_arguments("services.notifications.main"), environment
     )
     await asyncio.gather(
         users.wait_until_serving(addresses.users),

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
+
+from services.runtime.launch import service_command as launcher_command
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -87,7 +88,7 @@ def start_process(
 
 def service_command(service: str) -> list[str]:
     """Return the command that runs one service process, as `tidings up` runs it."""
-    return [sys.executable, "-m", f"services.{service}.main"]
+    return launcher_command(f"services.{service}.main")
 
 
 def stop_process(child: ChildProcess, timeout: float = STOP_TIMEOUT) -> int:

@@ -29,6 +29,7 @@ from services.runtime.cli.embedded_nats import (
 )
 from services.runtime.config import Settings
 from services.runtime.errors import ConfigurationError
+from services.runtime.launch import service_command
 
 logger = logging.getLogger(__name__)
 
@@ -172,9 +173,12 @@ class Supervisor:
             "NATS_URL": nats_url,
             "TIDINGS_DATA_DIR": str(self.settings.data_dir.resolve()),
         }
-        module = "gateway.main" if name == GATEWAY else f"services.{name}.main"
+        command = (
+            [sys.executable, "-m", "gateway.main"] if name == GATEWAY
+            else service_command(f"services.{name}.main")
+        )
         process = await asyncio.create_subprocess_exec(
-            *child_command([sys.executable, "-m", module]),
+            *child_command(command),
             env=environment, stdin=asyncio.subprocess.DEVNULL, **child_process_options(),
         )
         address = self.settings.address_of(name)

@@ -5,10 +5,11 @@ Usage: ``python -m services.runtime.launch services.users.main``
 nats-py imports aiohttp, which only its WebSocket transport uses, whenever
 aiohttp is installed, and Tidings installs it for the gateway. A service that
 reaches NATS over ``nats://`` or ``tls://`` never needs it, and loading it
-costs about 8 MiB of resident memory in each service process. This launcher
-marks aiohttp as absent (a ``None`` entry in ``sys.modules`` makes its import
-fail) unless NATS_URL names a WebSocket server, then runs the module as
-``__main__``, as ``python -m`` would.
+added about 8.5 MiB of resident memory to each service process in one
+measurement (CPython 3.11, aiohttp 3.14). This launcher marks aiohttp as
+absent (a ``None`` entry in ``sys.modules`` makes its import fail) unless
+NATS_URL names a WebSocket server, then runs the module as ``__main__``, as
+``python -m`` would.
 
 The module imports nothing outside the standard library, so that the mark is
 in place before nats-py is first imported.
@@ -24,7 +25,7 @@ _WEBSOCKET_SCHEMES = ("ws://", "wss://")
 
 
 def uses_websocket(nats_url: str) -> bool:
-    """Whether any server of a comma-separated NATS URL list is reached over WebSocket."""
+    """Return whether any server of a comma-separated NATS URL list is reached over WebSocket."""
     return any(server.strip().startswith(_WEBSOCKET_SCHEMES) for server in nats_url.split(","))
 
 
@@ -44,7 +45,9 @@ def service_command(module: str) -> list[str]:
 def main(argv: list[str]) -> None:
     """Run the module named by argv[0] as __main__, with the remaining arguments as its own."""
     if not argv or argv[0].startswith("-"):
-        raise SystemExit("usage: python -m services.runtime.launch MODULE [ARGUMENT ...]")
+        raise SystemExit(
+            "missing MODULE; usage: python -m services.runtime.launch MODULE [ARGUMENT ...]"
+        )
     nats_url = os.environ.get("NATS_URL") or os.environ.get("TIDINGS_NATS_URL") or ""
     if not uses_websocket(nats_url):
         sys.modules.setdefault("aiohttp", None)  # type: ignore[arg-type]

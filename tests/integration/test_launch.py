@@ -94,4 +94,4 @@ def test_launch_without_module_prints_usage() -> None:
         [sys.executable, "-m", "services.runtime.launch"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
     )
-    assert "usage: python -m services.runtime.launch MODULE" in completed.stderr
+    assert "missing MODULE; usage: python -m services.runtime.launch MODULE" in completed.stderr

@@ -101,13 +101,13 @@ def configure_tracing(service: str) -> TracerProvider | None:
     exporter_name = os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
     if exporter_name == "otlp":
         # Imported here so that processes with export off skip loading gRPC stubs.
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from observability.otlp_exporter import WireOTLPSpanExporter
 
         endpoint = os.environ.get(
             "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
             os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "http://localhost:4317"),
         )
-        exporter = _OutageReportingExporter(OTLPSpanExporter(), endpoint)
+        exporter = _OutageReportingExporter(WireOTLPSpanExporter(), endpoint)
         _exporters.append(exporter)
         provider.add_span_processor(BatchSpanProcessor(exporter))
     elif exporter_name != "none":

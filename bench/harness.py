@@ -24,7 +24,7 @@ from bench.processes import (
     peak_rss_kib,
 )
 from bench.report import Report, invoked_command, render_markdown, render_text
-from bench.results import PhaseResult
+from bench.results import PhaseResult, median_rounds, round_key
 from bench.saga_path import (
     BUYER_TOP_UP_CENTS,
     BUYERS,
@@ -41,6 +41,7 @@ from bench.servers import NAIVE_BODY_SIZE, NAIVE_FETCH_BATCH
 from bench.tidings_path import BSP_SCHEDULE_DELAY_MS, measure_tidings
 
 MAX_WARMUP_CALLS = 200
+DEFAULT_ROUNDS = 3
 
 Measure = Callable[[PhaseResult], Awaitable[None]]
 
@@ -50,14 +51,21 @@ def warmup_calls_for(calls: int) -> int:
     return min(MAX_WARMUP_CALLS, max(10, calls // 10))
 
 
-async def run_benchmark(*, calls: int, concurrency: int, output: str | None) -> int:
-    """Run every phase once, print the tables and write the Markdown page to output.
+async def run_benchmark(
+    *, calls: int, concurrency: int, output: str | None, rounds: int = DEFAULT_ROUNDS
+) -> int:
+    """Run every phase, print the tables and write the Markdown page to output.
+
+    The CreateUser phases (dual write, tracing off, tracing on) run rounds
+    times, interleaved, and the page reports the round with the median
+    calls/s of each, because this machine's speed drifts from minute to
+    minute. Every other phase runs once.
 
     Returns:
         0 when every phase finished without a failed call, 1 otherwise, 2 for
         invalid options.
     """
-    problem = _check_options(calls, concurrency, output)
+    problem = _check_options(calls, concurrency, output, rounds)
     if problem is not None:
         print(f"bench: {problem}", file=sys.stderr)
         return 2
@@ -68,7 +76,7 @@ async def run_benchmark(*, calls: int, concurrency: int, output: str | None) -> 
     load_at_start = os.getloadavg()[0]
     busy_at_start, own_at_start = machine_busy_seconds(), own_cpu_seconds()
     try:
-        phases, usage = await _run_with_sigterm_cancel(load)
+        phases, usage = await _run_with_sigterm_cancel(load, rounds)
     except BenchTerminated:
         print("bench: stopped by SIGTERM after stopping every process it started", file=sys.stderr)
         return 143
@@ -83,7 +91,7 @@ async def run_benchmark(*, calls: int, concurrency: int, output: str | None) -> 
         concurrency=concurrency,
         warmup_calls=load.warmup_calls,
         run_seconds=time.monotonic() - started,
-        phases={phase.key: phase for phase in phases},
+        phases=median_rounds({phase.key: phase for phase in phases}, rounds),
         usage=usage,
         harness=harness,
         load_average=(load_at_start, os.getloadavg()[0]),
@@ -93,7 +101,7 @@ async def run_benchmark(*, calls: int, concurrency: int, output: str | None) -> 
 
     print(render_text(report), flush=True)
     if output is not None:
-        _write_page(Path(output), render_markdown(report, measurement_notes(load)))
+        _write_page(Path(output), render_markdown(report, measurement_notes(load, rounds)))
         print(f"\nbench: wrote {output}", flush=True)
     return 0 if all(phase.ok for phase in phases) else 1
 
@@ -102,7 +110,9 @@ def _write_page(path: Path, text: str) -> None:
     path.write_text(text)
 
 
-def _check_options(calls: int, concurrency: int, output: str | None) -> str | None:
+def _check_options(calls: int, concurrency: int, output: str | None, rounds: int) -> str | None:
+    if rounds < 1:
+        return f"invalid --rounds {rounds}: use 1 or more"
     if calls < 1:
         return f"invalid --calls {calls}: use 1 or more"
     if concurrency < 1:
@@ -116,7 +126,9 @@ class BenchTerminated(Exception):
     """The harness received SIGTERM and stopped its children."""
 
 
-async def _run_with_sigterm_cancel(load: Load) -> tuple[list[PhaseResult], list[ProcessUsage]]:
+async def _run_with_sigterm_cancel(
+    load: Load, rounds: int
+) -> tuple[list[PhaseResult], list[ProcessUsage]]:
     """Run the phases, and let SIGTERM cancel the run so that the finally blocks still stop every child.
 
     Raises:
@@ -134,7 +146,7 @@ async def _run_with_sigterm_cancel(load: Load) -> tuple[list[PhaseResult], list[
     loop.add_signal_handler(signal.SIGTERM, on_sigterm)
     try:
         with tempfile.TemporaryDirectory(prefix="tidings-bench-") as work:
-            return await _run_phases(load, Path(work))
+            return await _run_phases(load, Path(work), rounds)
     except asyncio.CancelledError:
         if not terminated.is_set():
             raise
@@ -144,7 +156,28 @@ async def _run_with_sigterm_cancel(load: Load) -> tuple[list[PhaseResult], list[
         loop.remove_signal_handler(signal.SIGTERM)
 
 
-async def _run_phases(load: Load, work_dir: Path) -> tuple[list[PhaseResult], list[ProcessUsage]]:
+def _round_plan(
+    processes: ProcessSet, load: Load, work_dir: Path, rounds: int
+) -> list[tuple[PhaseResult, Measure]]:
+    plan: list[tuple[PhaseResult, Measure]] = []
+    for number in range(1, rounds + 1):
+        suffix = f" (round {number} of {rounds})" if rounds > 1 else ""
+        plan += [
+            (PhaseResult(round_key("dual-write", number),
+                         "dual-write CreateUser (same transaction, publish awaited per call)" + suffix),
+             lambda result: measure_tidings(result, processes, load, work_dir, tracing=False,
+                                            users_module="bench.dual_write", variant="dual write")),
+            (PhaseResult(round_key("tidings-off", number), "Tidings CreateUser, tracing off" + suffix),
+             lambda result: measure_tidings(result, processes, load, work_dir, tracing=False)),
+            (PhaseResult(round_key("tidings-on", number), "Tidings CreateUser, tracing on" + suffix),
+             lambda result: measure_tidings(result, processes, load, work_dir, tracing=True)),
+        ]
+    return plan
+
+
+async def _run_phases(
+    load: Load, work_dir: Path, rounds: int
+) -> tuple[list[PhaseResult], list[ProcessUsage]]:
     processes = ProcessSet(work_dir)
     plan: list[tuple[PhaseResult, Measure]] = [
         (PhaseResult("grpc", "bare grpc.aio unary (Health/Check)"),
@@ -153,13 +186,7 @@ async def _run_phases(load: Load, work_dir: Path) -> tuple[list[PhaseResult], li
          lambda result: measure_nats_publish(result, processes, load)),
         (PhaseResult("naive", "naive pipeline (grpc.aio → publish → pull consumer)"),
          lambda result: measure_naive_pipeline(result, processes, load, work_dir)),
-        (PhaseResult("dual-write", "dual-write CreateUser (same transaction, publish awaited per call)"),
-         lambda result: measure_tidings(result, processes, load, work_dir, tracing=False,
-                                        users_module="bench.dual_write", variant="dual write")),
-        (PhaseResult("tidings-off", "Tidings CreateUser, tracing off"),
-         lambda result: measure_tidings(result, processes, load, work_dir, tracing=False)),
-        (PhaseResult("tidings-on", "Tidings CreateUser, tracing on"),
-         lambda result: measure_tidings(result, processes, load, work_dir, tracing=True)),
+        *_round_plan(processes, load, work_dir, rounds),
         (PhaseResult("saga-off", "Tidings PlaceOrder saga, tracing off"),
          lambda result: measure_place_order(result, processes, load, work_dir, tracing=False)),
         (PhaseResult("saga-on", "Tidings PlaceOrder saga, tracing on"),
@@ -208,9 +235,15 @@ def _failure_location(exc: BaseException) -> str:
     return f"at bench/{Path(frame.filename).name}:{frame.lineno} in {frame.name}"
 
 
-def measurement_notes(load: Load) -> list[str]:
+def measurement_notes(load: Load, rounds: int = DEFAULT_ROUNDS) -> list[str]:
     """Return the page's explanation of each figure, with this run's settings filled in."""
     return [
+        f"- **Targets**: the CreateUser phases run in {rounds} interleaved round(s) (dual write, "
+        "tracing off, tracing on, then again), and every CreateUser figure on this page is from "
+        "each phase's round with the median calls/s. With an even number of rounds that is the "
+        "faster of the two middle ones. The tracing cost is 1 - (tracing-on calls/s ÷ tracing-off "
+        "calls/s). The RSS target is 100 MB (decimal) for every users, orders, inventory, payments, "
+        "notifications and gateway process of the run, all rounds and phases included.",
         f"- **Load.** The harness process is the only client. {load.concurrency} workers each start "
         "their next call when the previous one returns (a closed loop), so the rate is what the "
         "system under test sustains with that many calls in flight. Each call is timed with "
@@ -238,8 +271,8 @@ def measurement_notes(load: Load) -> list[str]:
         "its figures compare directly with the Tidings rows. It runs with tracing off, and unlike "
         "the outbox it loses the event when the process dies between the commit and the publish. "
         "Its `event_time` is taken after the commit, just before the publish.",
-        "- **Tidings CreateUser**: the users and notifications services as processes "
-        "(`python -m services.users.main`, `python -m services.notifications.main`) with their "
+        "- **Tidings CreateUser**: the users and notifications services as processes, started as "
+        "`tidings up` starts them (`python -m services.runtime.launch services.users.main`) with their "
         "SQLite files in a new data directory and a new nats-server per run. Each call creates a user "
         "with a unique email and a `request_id`, so one transaction checks the email, inserts the "
         "user, the outbox row and the request log row. The outbox relay publishes the event and the "
@@ -297,7 +330,7 @@ def measurement_notes(load: Load) -> list[str]:
         "the stages.",
         "- **call start (harness) → Order update_time** adds the PlaceOrder call up to the insert. It "
         "is the figure to compare with the naive pipeline's event latency.",
-        "- **direct gRPC GetUser**: the users service as a process (`python -m services.users.main`) "
+        "- **direct gRPC GetUser**: the users service as a process (through the launcher, as above) "
         "with its SQLite file in a new data directory, a new nats-server, `TIDINGS_LOG_LEVEL=WARNING` "
         "and tracing off. Before the warm-up the harness creates one user with CreateUser, which is "
         "not timed. Every call then reads that user with GetUser over one grpc.aio channel: a read "
@@ -346,7 +379,8 @@ def measurement_notes(load: Load) -> list[str]:
         "shared the CPUs, and a phase with a large figure measured a busier machine.",
         "- **Limits**: the harness, servers, nats-server and the OTLP receiver all share this "
         "machine's CPUs, so the figures describe this machine under this load, not the capacity of a "
-        "deployment. Each phase runs once, so run the command again to see the spread between runs. "
+        "deployment. Phases other than the CreateUser rounds run once, so run the command again to see "
+        "their spread between runs. "
         "Latencies that cross processes compare wall clocks of the same machine. An order that waits "
         "longer than the saga timeout (30 s by default) is rejected with TIMEOUT, and such orders "
         "appear in the final states and under failures and warnings.",

@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 
 from bench.processes import ProcessUsage
-from bench.results import PhaseResult
+from bench.results import ROUND_KEYS, PhaseResult, measured_phases, round_key
 from bench.stats import Latency
 from services.runtime.cli.embedded_nats import nats_server_binary
 from services.runtime.errors import ConfigurationError
@@ -159,7 +159,7 @@ def _p50(latency: Latency | None) -> float | None:
 def throughput_table(phases: dict[str, PhaseResult]) -> Table:
     """Return rows of calls per second, call latency and failures per phase."""
     rows = [["phase", "calls/s", "call p50 ms", "call p99 ms", "failed calls", "other processes' CPU s"]]
-    for phase in phases.values():
+    for phase in measured_phases(phases):
         other_cpu = _number(phase.other_cpu_s)
         if phase.calls is None:
             rows.append([phase.title, "failed", "", "", "", other_cpu])
@@ -168,6 +168,65 @@ def throughput_table(phases: dict[str, PhaseResult]) -> Table:
             phase.title, _number(phase.calls.calls_per_s), *_percentiles(phase.calls.latency),
             f"{phase.calls.errors} of {phase.calls.calls}", other_cpu,
         ])
+    return rows
+
+
+def rounds_table(phases: dict[str, PhaseResult]) -> Table:
+    """Return rows of calls/s per round of each CreateUser phase and the round the page reports."""
+    rounds = sorted({int(key.partition("#")[2]) for key in phases if "#" in key})
+    rows = [["phase", *(f"round {number} calls/s" for number in rounds), "reported round"]]
+    for key in ROUND_KEYS:
+        reported = phases.get(key)
+        if reported is None:
+            continue
+        runs = {number: phases.get(round_key(key, number)) for number in rounds}
+        cells = [_number(_calls_per_s(phase)) for phase in runs.values()]
+        chosen = next((f"round {number}" for number, phase in runs.items() if phase is reported), "")
+        rows.append([_base_title(reported.title), *cells, chosen])
+    return rows
+
+
+def _base_title(title: str) -> str:
+    return title.split(" (round ", 1)[0]
+
+
+# Peak resident memory allowed for each service process: 100 MB (decimal), in KiB.
+MAX_SERVICE_RSS_KIB = 100_000_000 // 1024
+MAX_TRACING_COST_PERCENT = 10.0
+SERVICE_PROCESSES = ("users", "orders", "inventory", "payments", "notifications", "gateway")
+
+
+def targets_table(phases: dict[str, PhaseResult], usage: Sequence[ProcessUsage]) -> Table:
+    """Return rows of the benchmark targets, each with its measured value and whether it is met."""
+    dual, off, on, naive = (phases.get(key) for key in ("dual-write", "tidings-off", "tidings-on", "naive"))
+    rows = [["target", "measured", "met"]]
+
+    def at_least_one(value: float | None, denominator: float | None) -> list[str]:
+        if value is None or not denominator:
+            return ["n/a", "n/a"]
+        return [_ratio(value, denominator), "yes" if value >= denominator else "no"]
+
+    rows.append(["CreateUser, tracing on: calls/s at least those of the dual-write baseline "
+                 "(same service, event published and awaited in each call, tracing off)",
+                 *at_least_one(_calls_per_s(on), _calls_per_s(dual))])
+    rows.append(["CreateUser, tracing on: calls/s at least those of the naive pipeline "
+                 "(no protobuf, no validation, no database)",
+                 *at_least_one(_calls_per_s(on), _calls_per_s(naive))])
+
+    calls_off, calls_on = _calls_per_s(off), _calls_per_s(on)
+    cost = (1 - calls_on / calls_off) * 100 if calls_off and calls_on is not None else None
+    rows.append([f"tracing costs at most {MAX_TRACING_COST_PERCENT:.0f} % of CreateUser calls/s",
+                 "n/a" if cost is None else f"{cost:.1f} %",
+                 "n/a" if cost is None else ("yes" if cost <= MAX_TRACING_COST_PERCENT else "no")])
+
+    services = [process for process in usage
+                if process.process.split(" ", 1)[0] in SERVICE_PROCESSES and process.peak_rss_kib is not None]
+    if services:
+        largest = max(services, key=lambda process: process.peak_rss_kib or 0)
+        assert largest.peak_rss_kib is not None
+        rows.append([f"each service process under 100 MB ({MAX_SERVICE_RSS_KIB / 1024:.1f} MiB) peak RSS",
+                     f"largest: {_mib(largest.peak_rss_kib)} MiB, {largest.process}",
+                     "yes" if largest.peak_rss_kib < MAX_SERVICE_RSS_KIB else "no"])
     return rows
 
 
@@ -429,7 +488,9 @@ def result_sections(report: Report) -> list[tuple[str, list[str]]]:
         *_span_lines(report.phases),
     ]
     sections = [
+        ("Targets", format_table(targets_table(report.phases, report.usage))),
         ("Throughput and call latency", format_table(throughput_table(report.phases))),
+        ("CreateUser rounds", format_table(rounds_table(report.phases))),
         ("End-to-end event latency", format_table(event_table(report.phases))),
         ("Order saga: time to a terminal state",
          format_table(saga_table(report.phases)) + _outcome_lines(report.phases)),
@@ -441,12 +502,12 @@ def result_sections(report: Report) -> list[tuple[str, list[str]]]:
     ]
     problems = [
         f"- {phase.title}: {message}"
-        for phase in report.phases.values()
+        for phase in measured_phases(report.phases)
         for message in ([f"failed: {phase.error}"] if phase.error else []) + phase.notes
     ]
     problems += [
         f"- {phase.title}: {phase.calls.errors} calls failed. First failure: {phase.calls.first_error}"
-        for phase in report.phases.values()
+        for phase in measured_phases(report.phases)
         if phase.calls is not None and phase.calls.errors
     ]
     if problems:

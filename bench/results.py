@@ -61,3 +61,36 @@ class PhaseResult:
     def ok(self) -> bool:
         """Whether the phase ran to the end with no failed call."""
         return self.error is None and self.calls is not None and self.calls.errors == 0
+
+
+# The CreateUser phases that run once per round, in this order within a round.
+ROUND_KEYS = ("dual-write", "tidings-off", "tidings-on")
+
+
+def round_key(key: str, round_number: int) -> str:
+    """Return the key of one round of a CreateUser phase, such as ``tidings-on#2``."""
+    return f"{key}#{round_number}"
+
+
+def median_rounds(phases: dict[str, PhaseResult], rounds: int) -> dict[str, PhaseResult]:
+    """Return phases with, under each CreateUser key, its round of median calls/s.
+
+    With an even number of rounds this is the faster of the two middle ones.
+    A failed round ranks below every finished one. The rounds stay under
+    their own keys for the page's table of rounds.
+    """
+    chosen = dict(phases)
+    for key in ROUND_KEYS:
+        runs = [phases[round_key(key, number)] for number in range(1, rounds + 1)
+                if round_key(key, number) in phases]
+        if not runs:
+            continue
+        ranked = sorted(runs, key=lambda phase: phase.calls.calls_per_s if phase.ok and phase.calls else -1.0)
+        chosen[key] = ranked[len(ranked) // 2]
+    return chosen
+
+
+def measured_phases(phases: dict[str, PhaseResult]) -> list[PhaseResult]:
+    """Return each phase once: the rounds, but not the median round again under its phase's own key."""
+    rounds = {id(phase) for key, phase in phases.items() if "#" in key}
+    return [phase for key, phase in phases.items() if "#" in key or id(phase) not in rounds]

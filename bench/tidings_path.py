@@ -113,8 +113,14 @@ async def measure_tidings(
     dual-write baseline in bench.dual_write that publishes inline.
     """
     label = f"{variant}, tracing on" if tracing else f"{variant}, tracing off"
+    _, _, round_number = result.key.partition("#")
+    if round_number:
+        # Rounds of one phase get their own process names, data and result files.
+        label += f", round {round_number}"
     nats_server = await processes.start_nats(f"nats-server ({label})")
     suffix = f"{variant.lower().replace(' ', '-')}-{'on' if tracing else 'off'}"
+    if round_number:
+        suffix += f"-{round_number}"
 
     receiver: Child | None = None
     receiver_result = work_dir / f"otlp-{suffix}.json"

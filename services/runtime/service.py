@@ -138,7 +138,11 @@ class Service:
         self.health = HealthServicer()
         secret = settings.identity_secret.get_secret_value() if settings.identity_secret else None
         self.server = grpc.aio.server(
-            interceptors=[aio_server_interceptor(), IdentityInterceptor(secret), ErrorMappingInterceptor()]
+            interceptors=[aio_server_interceptor(), IdentityInterceptor(secret), ErrorMappingInterceptor()],
+            # gRPC sets SO_REUSEPORT by default, so a second process on the same port
+            # would start without error and take part of the calls. Without it, the
+            # second process fails at start with the "cannot listen" error below.
+            options=[("grpc.so_reuseport", 0)],
         )
         self.stopping = asyncio.Event()
         self.relay: OutboxRelay | None = None

@@ -38,10 +38,14 @@ notifications = Table(
 )
 Index("notifications_by_user", notifications.c.user_id, notifications.c.seq)
 
+# Built once: building the INSERT with .values() for each event took about 8 % of the
+# notifications process's CPU in a profile under load.
+_INSERT_NOTIFICATION = notifications.insert()
+
 
 async def insert_notification(tx: Transaction, values: dict[str, Any]) -> None:
     """Insert one notification row."""
-    await tx.execute(notifications.insert().values(**values, create_time=datetime.now(UTC)))
+    await tx.execute(_INSERT_NOTIFICATION, {**values, "create_time": datetime.now(UTC)})
 
 
 async def list_for_user(tx: Transaction, user_id: str, after: int | None, limit: int) -> list[Any]:

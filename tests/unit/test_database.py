@@ -1,0 +1,61 @@
+"""The SQLite database: start-up errors and the connection kept across transactions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, Table, insert, select
+
+from services.runtime.database import Database
+from services.runtime.errors import ConfigurationError
+
+metadata = MetaData()
+counters = Table("counters", metadata, Column("id", Integer, primary_key=True))
+
+
+def test_database_data_dir_under_file_names_setting(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+
+    with pytest.raises(ConfigurationError, match="set TIDINGS_DATA_DIR"):
+        Database(f"sqlite:///{blocker}/data/users.db", metadata)
+
+
+def test_database_data_dir_error_names_directory(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+
+    with pytest.raises(ConfigurationError, match=str(blocker / "data")):
+        Database(f"sqlite:///{blocker}/data/users.db", metadata)
+
+
+async def test_database_commits_across_transactions(tmp_path: Path) -> None:
+    database = Database(f"sqlite:///{tmp_path}/counters.db", metadata)
+    await database.create_schema()
+    for row_id in (1, 2):
+        async with database.transaction() as tx:
+            await tx.execute(insert(counters).values(id=row_id))
+
+    async with database.transaction() as tx:
+        rows = (await tx.execute(select(counters.c.id))).scalars().all()
+    await database.close()
+
+    assert sorted(rows) == [1, 2]
+
+
+async def test_database_rollback_keeps_connection_usable(tmp_path: Path) -> None:
+    database = Database(f"sqlite:///{tmp_path}/counters.db", metadata)
+    await database.create_schema()
+    with pytest.raises(RuntimeError):
+        async with database.transaction() as tx:
+            await tx.execute(insert(counters).values(id=1))
+            raise RuntimeError("handler failed")
+
+    async with database.transaction() as tx:
+        await tx.execute(insert(counters).values(id=1))
+    async with database.transaction() as tx:
+        rows = (await tx.execute(select(counters.c.id))).scalars().all()
+    await database.close()
+
+    assert rows == [1]

@@ -79,6 +79,11 @@ class _OutageReportingExporter(SpanExporter):
         return self._inner.force_flush(timeout_millis)
 
 
+def tracing_disabled() -> bool:
+    """Return whether ``OTEL_SDK_DISABLED`` turns the OpenTelemetry SDK off for this process."""
+    return os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+
+
 def configure_tracing(service: str) -> TracerProvider | None:
     """Install the global tracer provider for this process.
 
@@ -92,7 +97,7 @@ def configure_tracing(service: str) -> TracerProvider | None:
     Returns:
         The installed provider, or None when the SDK is disabled.
     """
-    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+    if tracing_disabled():
         return None
 
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service)})

@@ -34,7 +34,7 @@ from sqlalchemy import MetaData, Table
 
 from gateway.identity import IdentityInterceptor
 from observability.logging import configure_logging, redact_url
-from observability.tracing import configure_tracing, shutdown_tracing
+from observability.tracing import configure_tracing, shutdown_tracing, tracing_disabled
 from services.runtime.clients import server_credentials
 from services.runtime.config import Settings, load_settings
 from services.runtime.consumer import (
@@ -137,8 +137,11 @@ class Service:
         self.runtime = Runtime(spec, settings)
         self.health = HealthServicer()
         secret = settings.identity_secret.get_secret_value() if settings.identity_secret else None
+        # With the SDK off, the tracing interceptor would still parse the peer and
+        # the metadata of every call for spans that record nothing.
+        tracing = [] if tracing_disabled() else [aio_server_interceptor()]
         self.server = grpc.aio.server(
-            interceptors=[aio_server_interceptor(), IdentityInterceptor(secret), ErrorMappingInterceptor()],
+            interceptors=[*tracing, IdentityInterceptor(secret), ErrorMappingInterceptor()],
             # gRPC sets SO_REUSEPORT by default, so a second process on the same port
             # would start without error and take part of the calls. Without it, the
             # second process fails at start with the "cannot listen" error below.

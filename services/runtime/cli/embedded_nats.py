@@ -72,11 +72,21 @@ def child_command(command: Sequence[str]) -> list[str]:
     return [sys.executable, "-c", _PARENT_DEATH_GUARD, str(os.getpid()), *command]
 
 
+# Ports free_port() returned before in this process. The kernel may hand the
+# same free port to two probes in a row, and two servers told to use it would
+# then collide, so each port is returned at most once per process.
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port on host that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
+    """Return a TCP port on host that nothing listens on right now, never the same one twice."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+            port = int(probe.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:

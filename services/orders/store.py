@@ -16,6 +16,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     select,
     update,
 )
@@ -55,6 +56,23 @@ order_lines = Table(
     Column("quantity", Integer, nullable=False),
 )
 
+# The statements of the saga's hot path are built once. Building one per call
+# (expressions, coercions and the compiled-cache key) took a large share of the
+# saga services' CPU in a profile under load; a prebuilt statement keeps its key.
+_INSERT_ORDER = orders.insert()
+_INSERT_LINES = order_lines.insert()
+_ORDER_BY_ID = select(orders).where(orders.c.id == bindparam("order_id"))
+# The SET clause comes from the parameter names that match columns: state,
+# update_time and whatever set_state's caller changes.
+_SET_STATE = update(orders).where(
+    orders.c.id == bindparam("order_id"), orders.c.state == bindparam("expected")
+)
+_LINES_OF = (
+    select(order_lines)
+    .where(order_lines.c.order_id.in_(bindparam("order_ids", expanding=True)))
+    .order_by(order_lines.c.order_id, order_lines.c.position)
+)
+
 
 async def insert_order(
     tx: Transaction,
@@ -67,14 +85,15 @@ async def insert_order(
     """Insert a PENDING order with its lines and return it."""
     now = datetime.now(UTC)
     await tx.execute(
-        orders.insert().values(
-            id=order_id, user_id=user_id, state=order_pb2.ORDER_STATE_PENDING, total_cents=0,
-            rejection_reason=0, status_detail="", deadline=deadline, trace_headers=trace_headers,
-            create_time=now, update_time=now,
-        )
+        _INSERT_ORDER,
+        {
+            "id": order_id, "user_id": user_id, "state": order_pb2.ORDER_STATE_PENDING, "total_cents": 0,
+            "rejection_reason": 0, "status_detail": "", "deadline": deadline,
+            "trace_headers": trace_headers, "create_time": now, "update_time": now,
+        },
     )
     await tx.execute(
-        order_lines.insert(),
+        _INSERT_LINES,
         [
             {"order_id": order_id, "position": position, "product_id": product, "quantity": quantity}
             for position, (product, quantity) in enumerate(lines)
@@ -89,7 +108,7 @@ async def get_order_row(tx: Transaction, order_id: str) -> Any:
     Raises:
         NotFound: No order has this id.
     """
-    row = (await tx.execute(select(orders).where(orders.c.id == order_id))).first()
+    row = (await tx.execute(_ORDER_BY_ID, {"order_id": order_id})).first()
     if row is None:
         raise NotFound(
             f"order {order_id} not found", reason="ORDER_NOT_FOUND", metadata={"order_id": order_id}
@@ -131,9 +150,9 @@ async def set_state(
     order (a reply and the timeout scanner) cannot both apply a transition.
     """
     result = await tx.execute(
-        update(orders)
-        .where(orders.c.id == order_id, orders.c.state == expected)
-        .values(state=new, update_time=datetime.now(UTC), **changes)
+        _SET_STATE,
+        {"order_id": order_id, "expected": expected, "state": new, "update_time": datetime.now(UTC),
+         **changes},
     )
     return bool(result.rowcount)
 
@@ -171,13 +190,8 @@ def to_message(row: Any, lines: list[order_pb2.LineItem]) -> order_pb2.Order:
 async def _lines_of(tx: Transaction, order_ids: list[str]) -> dict[str, list[order_pb2.LineItem]]:
     if not order_ids:
         return {}
-    query = (
-        select(order_lines)
-        .where(order_lines.c.order_id.in_(order_ids))
-        .order_by(order_lines.c.order_id, order_lines.c.position)
-    )
     found: dict[str, list[order_pb2.LineItem]] = {}
-    for line in (await tx.execute(query)).all():
+    for line in (await tx.execute(_LINES_OF, {"order_ids": order_ids})).all():
         found.setdefault(line.order_id, []).append(
             order_pb2.LineItem(product_id=line.product_id, quantity=line.quantity)
         )

@@ -20,6 +20,7 @@ URL, which keeps about 9 MiB out of every SQLite service process.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -179,7 +180,10 @@ class Database:
             await self._async.dispose()
 
 
+@functools.cache
 def _insert_ignoring_conflicts(is_sqlite: bool, table: Table) -> Any:
+    # Cached, so that each call site executes one statement object whose
+    # compiled form SQLAlchemy finds by the key memoized on it.
     if is_sqlite:
         return sqlite.insert(table).on_conflict_do_nothing()
     from sqlalchemy.dialects import postgresql

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import (
@@ -84,14 +85,12 @@ async def insert_order(
 ) -> order_pb2.Order:
     """Insert a PENDING order with its lines and return it."""
     now = datetime.now(UTC)
-    await tx.execute(
-        _INSERT_ORDER,
-        {
-            "id": order_id, "user_id": user_id, "state": order_pb2.ORDER_STATE_PENDING, "total_cents": 0,
-            "rejection_reason": 0, "status_detail": "", "deadline": deadline,
-            "trace_headers": trace_headers, "create_time": now, "update_time": now,
-        },
-    )
+    values = {
+        "id": order_id, "user_id": user_id, "state": order_pb2.ORDER_STATE_PENDING, "total_cents": 0,
+        "rejection_reason": 0, "status_detail": "", "deadline": deadline,
+        "trace_headers": trace_headers, "create_time": now, "update_time": now,
+    }
+    await tx.execute(_INSERT_ORDER, values)
     await tx.execute(
         _INSERT_LINES,
         [
@@ -99,7 +98,9 @@ async def insert_order(
             for position, (product, quantity) in enumerate(lines)
         ],
     )
-    return await get_order(tx, order_id)
+    # Built from the inserted values instead of read back, which saves two queries per order.
+    line_items = [order_pb2.LineItem(product_id=product, quantity=quantity) for product, quantity in lines]
+    return to_message(SimpleNamespace(**values), line_items)
 
 
 async def get_order_row(tx: Transaction, order_id: str) -> Any:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -40,6 +41,9 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 logger = logging.getLogger(__name__)
+
+# Names of SQLite savepoints, unique within the process so that nested ones never clash.
+_savepoint_numbers = itertools.count()
 
 _SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -70,8 +74,19 @@ class Transaction:
     async def savepoint(self) -> AsyncIterator[None]:
         """Run a block whose changes roll back alone if it raises, leaving the transaction open."""
         if isinstance(self.connection, Connection):
-            with self.connection.begin_nested():
+            # SQLite: straight on the sqlite3 connection, because SQLAlchemy's
+            # nested transaction cost about 6 % of a consumer's CPU under load.
+            driver = self.connection.connection.dbapi_connection
+            assert driver is not None
+            name = f"tidings_{next(_savepoint_numbers)}"
+            driver.execute(f"SAVEPOINT {name}")
+            try:
                 yield
+            except BaseException:
+                driver.execute(f"ROLLBACK TO SAVEPOINT {name}")
+                driver.execute(f"RELEASE SAVEPOINT {name}")
+                raise
+            driver.execute(f"RELEASE SAVEPOINT {name}")
         else:
             async with self.connection.begin_nested():
                 yield

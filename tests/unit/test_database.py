@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Column, Integer, MetaData, Table, insert, select
+from sqlalchemy.exc import IntegrityError
 
 from services.runtime.database import Database
 from services.runtime.errors import ConfigurationError
@@ -59,3 +60,55 @@ async def test_database_rollback_keeps_connection_usable(tmp_path: Path) -> None
     await database.close()
 
     assert rows == [1]
+
+
+async def _ids(database: Database) -> list[int]:
+    async with database.transaction() as tx:
+        return sorted((await tx.execute(select(counters.c.id))).scalars().all())
+
+
+async def test_savepoint_failure_rolls_back_only_block(tmp_path: Path) -> None:
+    database = Database(f"sqlite:///{tmp_path}/counters.db", metadata)
+    await database.create_schema()
+    async with database.transaction() as tx:
+        await tx.execute(insert(counters).values(id=1))
+        with pytest.raises(RuntimeError):
+            async with tx.savepoint():
+                await tx.execute(insert(counters).values(id=2))
+                raise RuntimeError("handler failed")
+        await tx.execute(insert(counters).values(id=3))
+
+    ids = await _ids(database)
+    await database.close()
+
+    assert ids == [1, 3]
+
+
+async def test_savepoint_success_keeps_block(tmp_path: Path) -> None:
+    database = Database(f"sqlite:///{tmp_path}/counters.db", metadata)
+    await database.create_schema()
+    async with database.transaction() as tx, tx.savepoint():
+        await tx.execute(insert(counters).values(id=1))
+        async with tx.savepoint():
+            await tx.execute(insert(counters).values(id=2))
+
+    ids = await _ids(database)
+    await database.close()
+
+    assert ids == [1, 2]
+
+
+async def test_savepoint_integrity_error_keeps_transaction(tmp_path: Path) -> None:
+    database = Database(f"sqlite:///{tmp_path}/counters.db", metadata)
+    await database.create_schema()
+    async with database.transaction() as tx:
+        await tx.execute(insert(counters).values(id=1))
+        with pytest.raises(IntegrityError):
+            async with tx.savepoint():
+                await tx.execute(insert(counters).values(id=1))
+        await tx.execute(insert(counters).values(id=2))
+
+    ids = await _ids(database)
+    await database.close()
+
+    assert ids == [1, 2]

@@ -52,3 +52,11 @@ class WireOTLPSpanExporter(OTLPSpanExporter):
 
     def _translate_data(self, data: Sequence[ReadableSpan]) -> bytes:  # type: ignore[override]
         return encode_export_request(data)
+
+    def stop_retrying(self) -> None:
+        """End the backoff of an export that is retrying now, and make later failed exports give up at once.
+
+        The exporter's own shutdown() does the same but also refuses every
+        later export, so the process could no longer send its last spans.
+        """
+        self._shutdown_in_progress.set()

@@ -36,8 +36,15 @@ class _OutageReportingExporter(SpanExporter):
         self._lock = threading.Lock()
 
     def begin_shutdown(self) -> None:
-        """Bound the final export: skip it during an outage, else give it CLOSING_EXPORT_TIMEOUT."""
+        """Bound the final export: skip it during an outage, else give it CLOSING_EXPORT_TIMEOUT.
+
+        An export that is waiting to retry an unreachable collector stops
+        waiting, so that it does not hold up the exit for its whole backoff.
+        """
         self._closing = True
+        stop_retrying = getattr(self._inner, "stop_retrying", None)
+        if stop_retrying is not None:
+            stop_retrying()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if self._closing:

@@ -17,6 +17,7 @@ in place before nats-py is first imported.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import runpy
 import sys
@@ -42,12 +43,24 @@ def service_command(module: str) -> list[str]:
     return [sys.executable, *service_arguments(module)]
 
 
+def _find_module(name: str) -> object | None:
+    """Return the import spec of a module, or None when it or one of its packages does not exist."""
+    try:
+        return importlib.util.find_spec(name)
+    except ModuleNotFoundError:
+        return None
+
+
 def main(argv: list[str]) -> None:
     """Run the module named by argv[0] as __main__, with the remaining arguments as its own."""
     if not argv or argv[0].startswith("-"):
-        raise SystemExit(
-            "missing MODULE; usage: python -m services.runtime.launch MODULE [ARGUMENT ...]"
-        )
+        print("missing MODULE; usage: python -m services.runtime.launch MODULE [ARGUMENT ...]",
+              file=sys.stderr)
+        raise SystemExit(2)
+    if _find_module(argv[0]) is None:
+        print(f"no module named {argv[0]!r}; name a service module such as services.users.main",
+              file=sys.stderr)
+        raise SystemExit(2)
     nats_url = os.environ.get("NATS_URL") or os.environ.get("TIDINGS_NATS_URL") or ""
     if not uses_websocket(nats_url):
         sys.modules.setdefault("aiohttp", None)  # type: ignore[arg-type]

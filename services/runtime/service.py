@@ -128,6 +128,10 @@ def _runtime_table(metadata: MetaData, name: str, define: Callable[[MetaData], T
     return existing if existing is not None else define(metadata)
 
 
+# Seconds between two warnings about a first NATS connection that keeps failing.
+_CONNECT_WARNING_INTERVAL = 10.0
+
+
 class Service:
     """One running service process."""
 
@@ -154,6 +158,8 @@ class Service:
         self._service_names: list[str] = []
         self.port = 0
         self.failed = False
+        self._nats_connected = False
+        self._last_connect_warning: float | None = None
 
     async def start(self) -> None:
         """Start serving; returns once health reports SERVING."""
@@ -229,6 +235,7 @@ class Service:
                     await asyncio.wait_for(self.stopping.wait(), timeout=delay)
                 delay = min(delay * 2, 5.0)
                 continue
+            self._nats_connected = True
             logger.info("connected to NATS",
                         extra={"nats_url": redact_url(self.settings.nats_url)})
             return
@@ -241,6 +248,19 @@ class Service:
         logger.info("reconnected to NATS")
 
     async def _on_nats_error(self, exc: Exception) -> None:
+        # nats-py retries the first connection inside connect() and reports each
+        # failed attempt only here, so without this warning a service whose NATS
+        # is unreachable would wait in silence.
+        now = asyncio.get_running_loop().time()
+        last = self._last_connect_warning
+        due = last is None or now - last >= _CONNECT_WARNING_INTERVAL
+        if not self._nats_connected and due:
+            self._last_connect_warning = now
+            logger.warning(
+                "cannot connect to NATS yet; retrying every 0.5 s",
+                extra={"nats_url": redact_url(self.settings.nats_url), "error": repr(exc)},
+            )
+            return
         logger.debug("NATS client error", extra={"error": repr(exc)})
 
     async def _ensure_streams(self) -> None:

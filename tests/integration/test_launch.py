@@ -95,3 +95,27 @@ def test_launch_without_module_prints_usage() -> None:
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
     )
     assert "missing MODULE; usage: python -m services.runtime.launch MODULE" in completed.stderr
+
+
+def test_launch_without_module_exits_2() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "services.runtime.launch"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert completed.returncode == 2
+
+
+def test_launch_unknown_module_names_it() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "services.runtime.launch", "services.nosuch.main"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert "no module named 'services.nosuch.main'" in completed.stderr
+
+
+def test_launch_unknown_module_exits_2() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "services.runtime.launch", "services.nosuch.main"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert completed.returncode == 2

@@ -102,3 +102,33 @@ def test_wire_exporter_keeps_stub_after_new_channel(spans: tuple[ReadableSpan, .
 
     assert result is SpanExportResult.SUCCESS
     assert receiver.requests == [encode_spans(spans)]
+
+
+def test_wire_exporter_stop_retrying_ends_export(spans: tuple[ReadableSpan, ...]) -> None:
+    # Nothing listens on the port, so the export retries with a growing
+    # backoff until its 30 s timeout unless stop_retrying() ends the wait.
+    exporter = WireOTLPSpanExporter(endpoint=f"http://127.0.0.1:{free_port()}", insecure=True, timeout=30)
+    results: list[SpanExportResult] = []
+    worker = threading.Thread(target=lambda: results.append(exporter.export(spans)), daemon=True)
+    worker.start()
+
+    exporter.stop_retrying()
+    worker.join(timeout=10)
+    ended = not worker.is_alive()
+    exporter.shutdown()
+    worker.join()
+
+    assert ended
+    assert results == [SpanExportResult.FAILURE]
+
+
+def test_wire_exporter_exports_after_stop_retrying(spans: tuple[ReadableSpan, ...]) -> None:
+    port = free_port()
+    exporter = _exporter(port)
+    exporter.stop_retrying()
+    with running_receiver(port) as receiver:
+        result = exporter.export(spans)
+    exporter.shutdown()
+
+    assert result is SpanExportResult.SUCCESS
+    assert receiver.requests == [encode_spans(spans)]

@@ -144,18 +144,25 @@ async def messages_for(tx: Transaction, rows: list[Any]) -> list[order_pb2.Order
 
 async def set_state(
     tx: Transaction, order_id: str, expected: int, new: int, **changes: Any
-) -> bool:
-    """Move an order from state expected to new; return False if its state was not expected.
+) -> datetime | None:
+    """Move an order from state expected to new and return the update time it stored.
 
+    Returns None, and changes nothing, if the order's state was not expected.
     The state check is in the UPDATE itself, so two writers racing on one
     order (a reply and the timeout scanner) cannot both apply a transition.
     """
+    now = datetime.now(UTC)
     result = await tx.execute(
         _SET_STATE,
-        {"order_id": order_id, "expected": expected, "state": new, "update_time": datetime.now(UTC),
-         **changes},
+        {"order_id": order_id, "expected": expected, "state": new, "update_time": now, **changes},
     )
-    return bool(result.rowcount)
+    return now if result.rowcount else None
+
+
+async def lines_of(tx: Transaction, order_id: str) -> list[order_pb2.LineItem]:
+    """Return the line items of an order in their original order."""
+    lines = await _lines_of(tx, [order_id])
+    return lines.get(order_id, [])
 
 
 async def overdue_orders(tx: Transaction, now: datetime, limit: int) -> list[Any]:

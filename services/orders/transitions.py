@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 from typing import Any
 
 from google.protobuf.message import Message
@@ -56,13 +57,16 @@ class OrderSaga:
         """
         row = await store.get_order_row(tx, order_id)
         target = next_state(order_id, row.state, trigger)
-        if not await store.set_state(tx, order_id, row.state, target, **changes):
+        update_time = await store.set_state(tx, order_id, row.state, target, **changes)
+        if update_time is None:
             raise IllegalTransition(
                 f"order {order_id} changed state while {trigger} was applied",
                 metadata={"order_id": order_id, "trigger": str(trigger)},
             )
 
-        order = await store.get_order(tx, order_id)
+        # The new row is the old one with the UPDATE's values, so it is not read again.
+        updated = SimpleNamespace(**{**row._mapping, **changes, "state": target, "update_time": update_time})
+        order = store.to_message(updated, await store.lines_of(tx, order_id))
         events = [Event(subject, message, order_id) for subject, message in _events_for(order)]
         await self._outbox.add(tx, events)
         logger.info(

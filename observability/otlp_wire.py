@@ -46,7 +46,11 @@ _INT64_MAX = 2**63 - 1
 # Encoded KeyValue messages by (field tag, key, value type, value). Span names,
 # subjects and methods repeat on every call. Ids do not, so the cache is
 # emptied when it grows past this many entries instead of growing without bound.
+# Only strings up to _MAX_CACHED_STRING characters, booleans and integers are
+# cached: long strings such as stack traces rarely repeat and would make the
+# cache large, and floats would mix up 0.0 and -0.0, which compare equal.
 _MAX_CACHED_ATTRIBUTES = 4096
+_MAX_CACHED_STRING = 256
 
 _FIXED64 = struct.Struct("<Q")
 _FIXED32 = struct.Struct("<I")
@@ -140,7 +144,9 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
         return b""
     parts = []
     for key, value in attributes.items():
-        scalar = isinstance(value, (str, bool, int, float))
+        scalar = isinstance(value, (bool, int)) or (
+            isinstance(value, str) and len(value) <= _MAX_CACHED_STRING
+        )
         if scalar:
             cached = _attribute_cache.get((tag, key, type(value), value))
             if cached is not None:
@@ -237,31 +243,52 @@ def _status(status: Status) -> bytes:
     return b"".join(parts)
 
 
-_resource_cache: dict[Resource, bytes] = {}
-_scope_cache: dict[InstrumentationScope | None, bytes] = {}
+# Keyed by the attributes in their order and with their types, because the SDK's
+# equality of resources and scopes ignores the order and takes True for 1.
+_resource_cache: dict[tuple[Any, ...], bytes] = {}
+_scope_cache: dict[tuple[Any, ...], bytes] = {}
+
+
+def _attribute_key(attributes: Mapping[str, Any] | None) -> tuple[Any, ...]:
+    return tuple((key, type(value), value) for key, value in (attributes or {}).items())
 
 
 def _resource(resource: Resource) -> bytes:
-    encoded = _resource_cache.get(resource)
+    key = _attribute_key(resource.attributes)
+    try:
+        encoded = _resource_cache.get(key)
+    except TypeError:
+        # A value that cannot be hashed: encode it each time.
+        return _attributes(_F1_LEN, resource.attributes)
     if encoded is None:
         encoded = _attributes(_F1_LEN, resource.attributes)
-        _resource_cache[resource] = encoded
+        _resource_cache[key] = encoded
     return encoded
 
 
 def _scope(scope: InstrumentationScope | None) -> bytes:
-    encoded = _scope_cache.get(scope)
+    if scope is None:
+        return b""
+    key = (scope.name, scope.version, scope.schema_url, _attribute_key(scope.attributes))
+    try:
+        encoded = _scope_cache.get(key)
+    except TypeError:
+        # A value that cannot be hashed: encode it each time.
+        return _encode_scope(scope)
     if encoded is None:
-        parts = []
-        if scope is not None:
-            if scope.name:
-                parts.append(_length_delimited(_F1_LEN, scope.name.encode()))
-            if scope.version:
-                parts.append(_length_delimited(_F2_LEN, scope.version.encode()))
-            parts.append(_attributes(_F3_LEN, scope.attributes))
-        encoded = b"".join(parts)
-        _scope_cache[scope] = encoded
+        encoded = _encode_scope(scope)
+        _scope_cache[key] = encoded
     return encoded
+
+
+def _encode_scope(scope: InstrumentationScope) -> bytes:
+    parts = []
+    if scope.name:
+        parts.append(_length_delimited(_F1_LEN, scope.name.encode()))
+    if scope.version:
+        parts.append(_length_delimited(_F2_LEN, scope.version.encode()))
+    parts.append(_attributes(_F3_LEN, scope.attributes))
+    return b"".join(parts)
 
 
 def encode_export_request(spans: Sequence[ReadableSpan]) -> bytes:

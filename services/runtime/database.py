@@ -154,9 +154,13 @@ class Database:
         if self._sqlite is not None:
             async with self._sqlite_lock:
                 connection = self._open_sqlite_connection()
-                with connection.begin():
-                    tx = Transaction(connection)
-                    yield tx
+                try:
+                    with connection.begin():
+                        tx = Transaction(connection)
+                        yield tx
+                except BaseException:
+                    _end_failed_transaction(connection)
+                    raise
         else:
             assert self._async is not None
             async with self._async.begin() as async_connection:
@@ -196,6 +200,24 @@ class Database:
 
 
 @functools.cache
+def _end_failed_transaction(connection: Connection) -> None:
+    """Leave the kept-open SQLite connection outside any transaction after a failure.
+
+    A failed COMMIT (a deferred constraint, a full disk) leaves sqlite3 inside
+    the transaction, and SQLAlchemy sends no ROLLBACK for it. The connection is
+    kept for the next transaction, which would then fail to begin, so it is
+    rolled back here, or dropped when even that fails.
+    """
+    driver = connection.connection.dbapi_connection
+    if driver is None or not driver.in_transaction:
+        return
+    try:
+        driver.rollback()
+    except Exception:
+        logger.exception("rollback after a failed transaction failed; reopening the SQLite connection")
+        connection.invalidate()
+
+
 def _insert_ignoring_conflicts(is_sqlite: bool, table: Table) -> Any:
     # Cached, so that each call site executes one statement object whose
     # compiled form SQLAlchemy finds by the key memoized on it.

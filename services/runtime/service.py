@@ -34,7 +34,7 @@ from sqlalchemy import MetaData, Table
 
 from gateway.identity import IdentityInterceptor
 from observability.logging import configure_logging, redact_url
-from observability.tracing import configure_tracing, shutdown_tracing, tracing_disabled
+from observability.tracing import configure_tracing, shutdown_tracing
 from services.runtime.clients import server_credentials
 from services.runtime.config import Settings, load_settings
 from services.runtime.consumer import (
@@ -141,11 +141,10 @@ class Service:
         self.runtime = Runtime(spec, settings)
         self.health = HealthServicer()
         secret = settings.identity_secret.get_secret_value() if settings.identity_secret else None
-        # With the SDK off, the tracing interceptor would still parse the peer and
-        # the metadata of every call for spans that record nothing.
-        tracing = [] if tracing_disabled() else [aio_server_interceptor()]
+        # The tracing interceptor stays with the SDK off too: the API's no-op spans
+        # then carry the caller's trace context on to outgoing calls and events.
         self.server = grpc.aio.server(
-            interceptors=[*tracing, IdentityInterceptor(secret), ErrorMappingInterceptor()],
+            interceptors=[aio_server_interceptor(), IdentityInterceptor(secret), ErrorMappingInterceptor()],
             # gRPC sets SO_REUSEPORT by default, so a second process on the same port
             # would start without error and take part of the calls. Without it, the
             # second process fails at start with the "cannot listen" error below.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, Table, insert, select
+from sqlalchemy import Column, ForeignKey, Integer, MetaData, Table, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from services.runtime.database import Database
@@ -13,6 +13,14 @@ from services.runtime.errors import ConfigurationError
 
 metadata = MetaData()
 counters = Table("counters", metadata, Column("id", Integer, primary_key=True))
+# A foreign key checked only at COMMIT, so that a transaction can fail in its commit.
+parents = Table("parents", metadata, Column("id", Integer, primary_key=True))
+children = Table(
+    "children",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("parent_id", Integer, ForeignKey("parents.id", deferrable=True, initially="DEFERRED")),
+)
 
 
 def test_database_data_dir_under_file_names_setting(tmp_path: Path) -> None:
@@ -112,3 +120,18 @@ async def test_savepoint_integrity_error_keeps_transaction(tmp_path: Path) -> No
     await database.close()
 
     assert ids == [1, 2]
+
+
+async def test_database_failed_commit_keeps_connection_usable(tmp_path: Path) -> None:
+    database = Database(f"sqlite:///{tmp_path}/counters.db", metadata)
+    await database.create_schema()
+    with pytest.raises(IntegrityError):
+        async with database.transaction() as tx:
+            await tx.execute(insert(children).values(id=1, parent_id=99))
+
+    async with database.transaction() as tx:
+        await tx.execute(insert(counters).values(id=7))
+    ids = await _ids(database)
+    await database.close()
+
+    assert ids == [7]

@@ -164,3 +164,63 @@ def test_wire_encoder_groups_resources_and_scopes(
 
 def test_wire_encoder_empty_batch_is_empty_request() -> None:
     assert encode_export_request([]) == b""
+
+
+def test_wire_encoder_negative_zero_after_zero(
+    recorded: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    provider, exporter = recorded
+    tracer = provider.get_tracer("tidings.test")
+    for value in (0.0, -0.0):
+        with tracer.start_as_current_span("signed", attributes={"x": value}):
+            pass
+
+    spans = exporter.get_finished_spans()
+    assert _decoded(spans) == encode_spans(spans)
+
+
+def test_wire_encoder_long_string_repeated(
+    recorded: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    provider, exporter = recorded
+    tracer = provider.get_tracer("tidings.test")
+    for _ in range(2):
+        with tracer.start_as_current_span("long", attributes={"exception.stacktrace": "frame\n" * 200}):
+            pass
+
+    spans = exporter.get_finished_spans()
+    assert _decoded(spans) == encode_spans(spans)
+
+
+def test_wire_encoder_resource_attribute_order(
+    recorded: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    _, exporter = recorded
+    providers = [
+        TracerProvider(resource=Resource({"a": "1", "b": "2"})),
+        TracerProvider(resource=Resource({"b": "2", "a": "1"})),
+    ]
+    for provider in providers:
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        with provider.get_tracer("tidings.test").start_as_current_span("ordered"):
+            pass
+    spans = exporter.get_finished_spans()
+    for provider in providers:
+        provider.shutdown()
+
+    assert len(spans) == 2
+    for span in spans:
+        assert _decoded([span]) == encode_spans([span])
+
+
+def test_wire_encoder_scope_attribute_types(
+    recorded: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    # Scopes with {"a": 1} and {"a": True} are equal and hash alike in the SDK.
+    provider, exporter = recorded
+    for value in (1, True):
+        with provider.get_tracer("tidings.typed", "1", attributes={"a": value}).start_as_current_span("s"):
+            pass
+
+    for span in exporter.get_finished_spans():
+        assert _decoded([span]) == encode_spans([span])

@@ -85,9 +85,9 @@ closed_orders = Table(
     Column("closed_at", DateTime(timezone=True), nullable=False),
 )
 
-# The statements of the saga's hot path are built once. Building one per call
-# (expressions, coercions and the compiled-cache key) took about a third of the
-# inventory process's CPU in a profile under load; a prebuilt statement keeps its key.
+# The saga's hot statements are built once, because building one per call took
+# about a third of the inventory process's CPU in a profile under load. A
+# prebuilt statement also keeps its compiled-cache key.
 _NOW = bindparam("now", type_=DateTime(timezone=True))
 _PRODUCT = products.c.id == bindparam("product_id")
 _PRODUCT_BY_ID = select(products).where(_PRODUCT)

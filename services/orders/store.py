@@ -57,9 +57,9 @@ order_lines = Table(
     Column("quantity", Integer, nullable=False),
 )
 
-# The statements of the saga's hot path are built once. Building one per call
-# (expressions, coercions and the compiled-cache key) took a large share of the
-# saga services' CPU in a profile under load; a prebuilt statement keeps its key.
+# The saga's hot statements are built once, because building one per call took a
+# large share of the saga services' CPU in a profile under load. A prebuilt
+# statement also keeps its compiled-cache key.
 _INSERT_ORDER = orders.insert()
 _INSERT_LINES = order_lines.insert()
 _ORDER_BY_ID = select(orders).where(orders.c.id == bindparam("order_id"))

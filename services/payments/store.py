@@ -59,9 +59,8 @@ closed_orders = Table(
     Column("closed_at", DateTime(timezone=True), nullable=False),
 )
 
-# The statements of the saga's hot path are built once, because building one per
-# call (expressions, coercions and the compiled-cache key) costs more CPU than
-# running it; a prebuilt statement keeps its key.
+# The saga's hot statements are built once, because building one per call costs
+# more CPU than running it. A prebuilt statement also keeps its compiled-cache key.
 _NOW = bindparam("now", type_=DateTime(timezone=True))
 _WALLET = wallets.c.user_id == bindparam("wallet_user_id")
 _WALLET_BY_USER = select(wallets).where(_WALLET)

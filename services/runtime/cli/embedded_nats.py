@@ -73,7 +73,7 @@ def child_command(command: Sequence[str]) -> list[str]:
 
 
 # Ports free_port() returned before in this process. The kernel may hand the
-# same free port to two probes in a row, and two servers told to use it would
+# same free port to two probes in a row, and two servers given that port would
 # then collide, so each port is returned at most once per process.
 _handed_out: set[int] = set()
 

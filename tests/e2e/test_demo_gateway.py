@@ -341,3 +341,10 @@ def test_http_request_round_trip(method: str, request_message: Message) -> None:
     body = json.loads(json.dumps(http_request.body)) if route.body else None
     rebuilt = build_request(route, path_values, MultiDict(http_request.query), body)
     assert rebuilt == request_message, f"sent {http_request}, the gateway built {rebuilt}"
+
+
+@pytest.mark.e2e
+def test_up_ready_banner_names_token_command(gateway_system: GatewaySystem) -> None:
+    banner = gateway_system.supervisor.stdout().split("tidings is ready:", 1)[1]
+
+    assert "`tidings token` for a gateway bearer token" in banner

@@ -223,7 +223,11 @@ class Supervisor:
             f"  {child.name:<14} {self._gateway_url() if child.name == GATEWAY else 'grpc ' + child.address}"
             for child in self.children
         ]
-        print("tidings is ready:", *lines, f"  {'nats':<14} {redact_url(nats_url)}",
+        # Repeated here because the services' start-up logs push the earlier hint out of view.
+        hint = "try it: `tidings demo`"
+        if "TIDINGS_GATEWAY_JWT_HS256_SECRET" in self._child_settings:
+            hint += ", or `tidings token` for a gateway bearer token"
+        print("tidings is ready:", *lines, f"  {'nats':<14} {redact_url(nats_url)}", hint,
               "press Ctrl-C to stop", sep="\n", flush=True)
 
     async def _watch(self) -> int:

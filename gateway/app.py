@@ -25,7 +25,13 @@ from gateway.identity import identity_metadata
 from gateway.ratelimit import TokenBuckets, retry_after_header
 from gateway.routes import EVENTS_PATH, EVENTS_SCOPE, Route, load_routes
 from gateway.settings import GatewaySettings
-from gateway.transcode import RequestError, build_request, parse_body, response_json
+from gateway.transcode import (
+    RequestError,
+    build_request,
+    parse_body,
+    response_json,
+    with_json_field_names,
+)
 from services.runtime.config import Settings
 
 logger = logging.getLogger("gateway.app")
@@ -188,6 +194,7 @@ class Gateway:
 
     def _error_of(self, route: Route, error: grpc.aio.AioRpcError, request_id: str) -> web.Response:
         status = _grpc_status(error)
+        with_json_field_names(status, route.request_class.DESCRIPTOR)
         headers = {}
         if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             logger.warning(

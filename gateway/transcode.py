@@ -17,7 +17,7 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 from multidict import MultiMapping
 
 from gateway.routes import Route
@@ -321,3 +321,38 @@ def response_json(message: Message) -> str:
     return json_format.MessageToJson(
         message, always_print_fields_with_no_presence=True, indent=None, ensure_ascii=False
     )
+
+
+# One segment of a field path: a field name with an optional index or map key, such as ``lines[0]``.
+_PATH_SEGMENT = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?P<suffix>(\[[^\]]*\])*)$")
+
+
+def json_field_path(descriptor: Descriptor, path: str) -> str:
+    """Return a proto field path, such as ``user.display_name``, with each field's JSON name.
+
+    The services name fields as in the .proto file, while HTTP clients send
+    and read the JSON names (``user.displayName``). A segment that names no
+    field of the message is kept as it is, and so is the rest of the path.
+    """
+    segments = path.split(".")
+    current: Descriptor | None = descriptor
+    for index, segment in enumerate(segments):
+        match = _PATH_SEGMENT.match(segment)
+        field = current.fields_by_name.get(match["name"]) if current and match else None
+        if field is None or match is None:
+            break
+        segments[index] = field.json_name + match["suffix"]
+        current = field.message_type
+    return ".".join(segments)
+
+
+def with_json_field_names(status: status_pb2.Status, descriptor: Descriptor) -> None:
+    """Rewrite the field paths of the BadRequest details of a google.rpc.Status to JSON names."""
+    for detail in status.details:
+        if not detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            continue
+        bad_request = error_details_pb2.BadRequest()
+        detail.Unpack(bad_request)
+        for violation in bad_request.field_violations:
+            violation.field = json_field_path(descriptor, violation.field)
+        detail.Pack(bad_request)

@@ -135,6 +135,17 @@ async def test_gateway_service_field_violations_reach_the_client(api: Api) -> No
     assert violations == ["user.email"], body
 
 
+async def test_gateway_service_violations_use_json_names(api: Api) -> None:
+    payload = {"email": "ada@example.com", "displayName": ""}
+    status, body, _ = await api.call("POST", "/v1/users", json=payload)
+
+    assert status == 400, body
+    violations = [
+        v["field"] for d in body["details"] if d["@type"].endswith("BadRequest") for v in d["fieldViolations"]
+    ]
+    assert violations == ["user.displayName"], body
+
+
 async def test_gateway_product_routes(api: Api) -> None:
     product = await create_product(api)
 

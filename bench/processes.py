@@ -6,14 +6,13 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import sys
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from services.runtime.cli.embedded_nats import EmbeddedNats
+from services.runtime.cli.embedded_nats import EmbeddedNats, free_port
 from services.runtime.cli.supervisor import wait_until_http_ok, wait_until_ready_or_exit, wait_until_serving
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -52,12 +51,8 @@ def peak_rss_kib(pid: int | str) -> int | None:
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     """Return count distinct TCP ports on host that nothing listens on right now."""
-    with contextlib.ExitStack() as stack:
-        probes = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-                  for _ in range(count)]
-        for probe in probes:
-            probe.bind((host, 0))
-        return [int(probe.getsockname()[1]) for probe in probes]
+    # free_port() never returns a port twice in one process, so the ports differ.
+    return [free_port(host) for _ in range(count)]
 
 
 def cpu_seconds(pid: int | str) -> float | None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry.sdk.resources import Resource
@@ -253,32 +253,31 @@ def _attribute_key(attributes: Mapping[str, Any] | None) -> tuple[Any, ...]:
     return tuple((key, type(value), value) for key, value in (attributes or {}).items())
 
 
-def _resource(resource: Resource) -> bytes:
-    key = _attribute_key(resource.attributes)
+def _cached(cache: dict[tuple[Any, ...], bytes], key: tuple[Any, ...], encode: Callable[[], bytes]) -> bytes:
+    """Return the cached encoding under key, encoding and storing it on first use."""
     try:
-        encoded = _resource_cache.get(key)
+        encoded = cache.get(key)
     except TypeError:
         # A value that cannot be hashed: encode it each time.
-        return _attributes(_F1_LEN, resource.attributes)
+        return encode()
     if encoded is None:
-        encoded = _attributes(_F1_LEN, resource.attributes)
-        _resource_cache[key] = encoded
+        encoded = encode()
+        cache[key] = encoded
     return encoded
+
+
+def _resource(resource: Resource) -> bytes:
+    return _cached(
+        _resource_cache, _attribute_key(resource.attributes),
+        lambda: _attributes(_F1_LEN, resource.attributes),
+    )
 
 
 def _scope(scope: InstrumentationScope | None) -> bytes:
     if scope is None:
         return b""
     key = (scope.name, scope.version, scope.schema_url, _attribute_key(scope.attributes))
-    try:
-        encoded = _scope_cache.get(key)
-    except TypeError:
-        # A value that cannot be hashed: encode it each time.
-        return _encode_scope(scope)
-    if encoded is None:
-        encoded = _encode_scope(scope)
-        _scope_cache[key] = encoded
-    return encoded
+    return _cached(_scope_cache, key, lambda: _encode_scope(scope))
 
 
 def _encode_scope(scope: InstrumentationScope) -> bytes:

@@ -203,7 +203,7 @@ class Database:
 def _end_failed_transaction(connection: Connection) -> None:
     """Leave the kept-open SQLite connection outside any transaction after a failure.
 
-    A failed COMMIT (a deferred constraint, a full disk) leaves sqlite3 inside
+    A failed COMMIT (a deferred constraint, for one) leaves sqlite3 inside
     the transaction, and SQLAlchemy sends no ROLLBACK for it. The connection is
     kept for the next transaction, which would then fail to begin, so it is
     rolled back here, or dropped when even that fails.

@@ -55,7 +55,7 @@ def _run_probe(tmp_path: Path, nats_url: str | None, *arguments: str) -> dict[st
         ("", False),
     ],
 )
-def test_uses_websocket_detects_websocket_servers(nats_url: str, expected: bool) -> None:
+def test_uses_websocket_table(nats_url: str, expected: bool) -> None:
     assert uses_websocket(nats_url) is expected
 
 
@@ -79,7 +79,7 @@ def test_launch_hides_aiohttp_without_nats_url(tmp_path: Path) -> None:
     assert result["aiohttp"] is False
 
 
-def test_launch_keeps_nats_importable_without_aiohttp(tmp_path: Path) -> None:
+def test_launch_nats_importable_without_aiohttp(tmp_path: Path) -> None:
     result = _run_probe(tmp_path, "nats://127.0.0.1:4222")
     assert result["nats"] is True
 
@@ -89,33 +89,51 @@ def test_launch_keeps_aiohttp_for_websocket_url(tmp_path: Path) -> None:
     assert result["aiohttp"] is True
 
 
-def test_launch_without_module_prints_usage() -> None:
-    completed = subprocess.run(
-        [sys.executable, "-m", "services.runtime.launch"],
+def _launch(*arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "services.runtime.launch", *arguments],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
     )
+
+
+def test_launch_without_module_prints_usage() -> None:
+    completed = _launch()
     assert "missing MODULE; usage: python -m services.runtime.launch MODULE" in completed.stderr
 
 
 def test_launch_without_module_exits_2() -> None:
-    completed = subprocess.run(
-        [sys.executable, "-m", "services.runtime.launch"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
-    )
+    completed = _launch()
     assert completed.returncode == 2
 
 
 def test_launch_unknown_module_names_it() -> None:
-    completed = subprocess.run(
-        [sys.executable, "-m", "services.runtime.launch", "services.nosuch.main"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
-    )
+    completed = _launch("services.nosuch.main")
     assert "no module named 'services.nosuch.main'" in completed.stderr
 
 
 def test_launch_unknown_module_exits_2() -> None:
-    completed = subprocess.run(
-        [sys.executable, "-m", "services.runtime.launch", "services.nosuch.main"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
-    )
+    completed = _launch("services.nosuch.main")
     assert completed.returncode == 2
+
+
+# Imports a service module without running it and reports which heavy modules
+# that loaded. A service on SQLite needs none of them.
+FOOTPRINT_PROBE = """
+import json, sys
+import services.users.main
+heavy = ["aiohttp", "jwt", "cryptography", "sqlalchemy.ext.asyncio", "sqlalchemy.dialects.postgresql"]
+print(json.dumps(sorted(name for name in heavy if sys.modules.get(name) is not None)))
+"""
+
+
+def test_launch_service_skips_heavy_modules(tmp_path: Path) -> None:
+    (tmp_path / "footprint_probe.py").write_text(FOOTPRINT_PROBE)
+    environment = {key: value for key, value in os.environ.items() if key != "TIDINGS_NATS_URL"}
+    environment.update(
+        NATS_URL="nats://127.0.0.1:4222", PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO_ROOT)])
+    )
+    completed = subprocess.run(
+        [*service_command("footprint_probe")],
+        env=environment, capture_output=True, text=True, timeout=60, check=True,
+    )
+    assert json.loads(completed.stdout) == []

@@ -11,7 +11,7 @@ from services.users.main import SPEC as USERS
 from tests.helpers import running_service
 
 
-async def test_service_start_fails_on_port_of_grpc_server(settings: Settings) -> None:
+async def test_service_port_taken_by_grpc(settings: Settings) -> None:
     # A gRPC server with the default options binds with SO_REUSEPORT, which
     # would let a second server share the port if that one allowed it too.
     other = grpc.aio.server()

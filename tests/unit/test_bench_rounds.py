@@ -26,7 +26,7 @@ def test_median_rounds_picks_middle_round() -> None:
     assert chosen["tidings-on"] is phases["tidings-on#3"]
 
 
-def test_median_rounds_even_count_picks_faster_middle() -> None:
+def test_median_rounds_even_count() -> None:
     phases = _rounds("tidings-off", 100, 400, 200, 300)
 
     chosen = median_rounds(phases, 4)
@@ -93,13 +93,13 @@ def _row(rows: dict[str, list[str]], start: str) -> list[str]:
     return next(cells for label, cells in rows.items() if label.startswith(start))
 
 
-def test_targets_tracing_cost_within_limit_is_met() -> None:
+def test_targets_tracing_cost_met() -> None:
     rows = _targets(on=910, off=1000, dual=900, rss_mib=80)
 
     assert _row(rows, "tracing costs") == ["9.0 %", "yes"]
 
 
-def test_targets_tracing_cost_above_limit_is_not_met() -> None:
+def test_targets_tracing_cost_not_met() -> None:
     rows = _targets(on=850, off=1000, dual=900, rss_mib=80)
 
     assert _row(rows, "tracing costs") == ["15.0 %", "no"]
@@ -117,7 +117,7 @@ def test_targets_rss_ignores_nats_server() -> None:
     assert _row(rows, "each service process") == ["largest: 80.0 MiB, users (Tidings, tracing on)", "yes"]
 
 
-def test_targets_rss_above_100_mb_is_not_met() -> None:
+def test_targets_rss_over_limit() -> None:
     rows = _targets(on=850, off=1000, dual=800, rss_mib=96)
 
     assert _row(rows, "each service process")[1] == "no"

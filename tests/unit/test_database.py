@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -23,51 +24,12 @@ children = Table(
 )
 
 
-def test_database_data_dir_under_file_names_setting(tmp_path: Path) -> None:
-    blocker = tmp_path / "not-a-directory"
-    blocker.write_text("")
-
-    with pytest.raises(ConfigurationError, match="set TIDINGS_DATA_DIR"):
-        Database(f"sqlite:///{blocker}/data/users.db", metadata)
-
-
-def test_database_data_dir_error_names_directory(tmp_path: Path) -> None:
-    blocker = tmp_path / "not-a-directory"
-    blocker.write_text("")
-
-    with pytest.raises(ConfigurationError, match=str(blocker / "data")):
-        Database(f"sqlite:///{blocker}/data/users.db", metadata)
-
-
-async def test_database_commits_across_transactions(tmp_path: Path) -> None:
-    database = Database(f"sqlite:///{tmp_path}/counters.db", metadata)
-    await database.create_schema()
-    for row_id in (1, 2):
-        async with database.transaction() as tx:
-            await tx.execute(insert(counters).values(id=row_id))
-
-    async with database.transaction() as tx:
-        rows = (await tx.execute(select(counters.c.id))).scalars().all()
-    await database.close()
-
-    assert sorted(rows) == [1, 2]
-
-
-async def test_database_rollback_keeps_connection_usable(tmp_path: Path) -> None:
-    database = Database(f"sqlite:///{tmp_path}/counters.db", metadata)
-    await database.create_schema()
-    with pytest.raises(RuntimeError):
-        async with database.transaction() as tx:
-            await tx.execute(insert(counters).values(id=1))
-            raise RuntimeError("handler failed")
-
-    async with database.transaction() as tx:
-        await tx.execute(insert(counters).values(id=1))
-    async with database.transaction() as tx:
-        rows = (await tx.execute(select(counters.c.id))).scalars().all()
-    await database.close()
-
-    assert rows == [1]
+@pytest.fixture
+async def database(tmp_path: Path) -> AsyncIterator[Database]:
+    opened = Database(f"sqlite:///{tmp_path}/counters.db", metadata)
+    await opened.create_schema()
+    yield opened
+    await opened.close()
 
 
 async def _ids(database: Database) -> list[int]:
@@ -75,9 +37,46 @@ async def _ids(database: Database) -> list[int]:
         return sorted((await tx.execute(select(counters.c.id))).scalars().all())
 
 
-async def test_savepoint_failure_rolls_back_only_block(tmp_path: Path) -> None:
-    database = Database(f"sqlite:///{tmp_path}/counters.db", metadata)
-    await database.create_schema()
+def test_data_dir_error_names_setting(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+
+    with pytest.raises(ConfigurationError, match="set TIDINGS_DATA_DIR"):
+        Database(f"sqlite:///{blocker}/data/users.db", metadata)
+
+
+def test_data_dir_error_names_directory(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+
+    with pytest.raises(ConfigurationError, match=str(blocker / "data")):
+        Database(f"sqlite:///{blocker}/data/users.db", metadata)
+
+
+async def test_database_commits_across_transactions(database: Database) -> None:
+    for row_id in (1, 2):
+        async with database.transaction() as tx:
+            await tx.execute(insert(counters).values(id=row_id))
+
+    ids = await _ids(database)
+
+    assert ids == [1, 2]
+
+
+async def test_rollback_keeps_connection_usable(database: Database) -> None:
+    with pytest.raises(RuntimeError):
+        async with database.transaction() as tx:
+            await tx.execute(insert(counters).values(id=1))
+            raise RuntimeError("handler failed")
+
+    async with database.transaction() as tx:
+        await tx.execute(insert(counters).values(id=1))
+    ids = await _ids(database)
+
+    assert ids == [1]
+
+
+async def test_savepoint_failure_rolls_back_only_block(database: Database) -> None:
     async with database.transaction() as tx:
         await tx.execute(insert(counters).values(id=1))
         with pytest.raises(RuntimeError):
@@ -87,28 +86,22 @@ async def test_savepoint_failure_rolls_back_only_block(tmp_path: Path) -> None:
         await tx.execute(insert(counters).values(id=3))
 
     ids = await _ids(database)
-    await database.close()
 
     assert ids == [1, 3]
 
 
-async def test_savepoint_success_keeps_block(tmp_path: Path) -> None:
-    database = Database(f"sqlite:///{tmp_path}/counters.db", metadata)
-    await database.create_schema()
+async def test_savepoint_success_keeps_block(database: Database) -> None:
     async with database.transaction() as tx, tx.savepoint():
         await tx.execute(insert(counters).values(id=1))
         async with tx.savepoint():
             await tx.execute(insert(counters).values(id=2))
 
     ids = await _ids(database)
-    await database.close()
 
     assert ids == [1, 2]
 
 
-async def test_savepoint_integrity_error_keeps_transaction(tmp_path: Path) -> None:
-    database = Database(f"sqlite:///{tmp_path}/counters.db", metadata)
-    await database.create_schema()
+async def test_savepoint_integrity_error_keeps_transaction(database: Database) -> None:
     async with database.transaction() as tx:
         await tx.execute(insert(counters).values(id=1))
         with pytest.raises(IntegrityError):
@@ -117,14 +110,11 @@ async def test_savepoint_integrity_error_keeps_transaction(tmp_path: Path) -> No
         await tx.execute(insert(counters).values(id=2))
 
     ids = await _ids(database)
-    await database.close()
 
     assert ids == [1, 2]
 
 
-async def test_database_failed_commit_keeps_connection_usable(tmp_path: Path) -> None:
-    database = Database(f"sqlite:///{tmp_path}/counters.db", metadata)
-    await database.create_schema()
+async def test_failed_commit_keeps_connection_usable(database: Database) -> None:
     with pytest.raises(IntegrityError):
         async with database.transaction() as tx:
             await tx.execute(insert(children).values(id=1, parent_id=99))
@@ -132,6 +122,5 @@ async def test_database_failed_commit_keeps_connection_usable(tmp_path: Path) ->
     async with database.transaction() as tx:
         await tx.execute(insert(counters).values(id=7))
     ids = await _ids(database)
-    await database.close()
 
     assert ids == [7]

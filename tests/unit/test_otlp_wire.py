@@ -79,7 +79,7 @@ def test_wire_encoder_remote_parent_and_trace_state(
     assert _decoded(spans) == encode_spans(spans)
 
 
-def test_wire_encoder_links_events_and_error_status(
+def test_wire_encoder_links_events_status(
     recorded: tuple[TracerProvider, InMemorySpanExporter],
 ) -> None:
     provider, exporter = recorded

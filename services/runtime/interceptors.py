@@ -26,6 +26,11 @@ STATUS_DETAILS_KEY = "grpc-status-details-bin"
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """Map exceptions raised by unary handlers to statuses with google.rpc details."""
 
+    def __init__(self) -> None:
+        # Per method name: the handler that was wrapped and its wrapped version,
+        # so that a call does not build a new handler.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -36,32 +41,42 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             return handler
 
         method = handler_call_details.method
-        behavior = handler.unary_unary
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = _guarded(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
-        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            try:
-                return await behavior(request, context)
-            except ServiceError as exc:
-                logger.info(
-                    "call rejected",
-                    extra={"rpc_method": method, "code": exc.code.name, "reason": exc.reason},
-                )
-                await context.abort(
-                    exc.code,
-                    exc.message,
-                    trailing_metadata=((STATUS_DETAILS_KEY, exc.to_status().SerializeToString()),),
-                )
-            except grpc.aio.AbortError:
-                raise
-            except Exception:
-                trace_id = format(trace.get_current_span().get_span_context().trace_id, "032x")
-                logger.exception("call failed", extra={"rpc_method": method})
-                await context.abort(
-                    grpc.StatusCode.INTERNAL, f"internal error; quote trace id {trace_id}"
-                )
 
-        return grpc.unary_unary_rpc_method_handler(
-            guarded,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+def _guarded(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """Return handler with its exceptions turned into statuses."""
+    behavior = handler.unary_unary
+
+    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behavior(request, context)
+        except ServiceError as exc:
+            logger.info(
+                "call rejected",
+                extra={"rpc_method": method, "code": exc.code.name, "reason": exc.reason},
+            )
+            await context.abort(
+                exc.code,
+                exc.message,
+                trailing_metadata=((STATUS_DETAILS_KEY, exc.to_status().SerializeToString()),),
+            )
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            trace_id = format(trace.get_current_span().get_span_context().trace_id, "032x")
+            logger.exception("call failed", extra={"rpc_method": method})
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"internal error; quote trace id {trace_id}"
+            )
+
+    return grpc.unary_unary_rpc_method_handler(
+        guarded,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )

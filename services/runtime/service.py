@@ -29,11 +29,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from nats.aio.client import Client as NATS
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from sqlalchemy import MetaData, Table
 
 from gateway.identity import IdentityInterceptor
 from observability.logging import configure_logging, redact_url
+from observability.server_spans import ServerSpanInterceptor
 from observability.tracing import configure_tracing, shutdown_tracing
 from services.runtime.clients import server_credentials
 from services.runtime.config import Settings, load_settings
@@ -144,7 +144,7 @@ class Service:
         # The tracing interceptor stays with the SDK off too: the API's no-op spans
         # then carry the caller's trace context on to outgoing calls and events.
         self.server = grpc.aio.server(
-            interceptors=[aio_server_interceptor(), IdentityInterceptor(secret), ErrorMappingInterceptor()],
+            interceptors=[ServerSpanInterceptor(), IdentityInterceptor(secret), ErrorMappingInterceptor()],
             # gRPC sets SO_REUSEPORT by default, so a second process on the same port
             # would start without error and take part of the calls. Without it, the
             # second process fails at start with the "cannot listen" error below.

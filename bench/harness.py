@@ -42,6 +42,8 @@ from bench.tidings_path import BSP_SCHEDULE_DELAY_MS, measure_tidings
 
 MAX_WARMUP_CALLS = 200
 DEFAULT_ROUNDS = 3
+# Share of traces recorded in the sampled CreateUser phase: a common production setting.
+SAMPLED_SHARE = 0.1
 
 Measure = Callable[[PhaseResult], Awaitable[None]]
 
@@ -171,6 +173,10 @@ def _round_plan(
              lambda result: measure_tidings(result, processes, load, work_dir, tracing=False)),
             (PhaseResult(round_key("tidings-on", number), "Tidings CreateUser, tracing on" + suffix),
              lambda result: measure_tidings(result, processes, load, work_dir, tracing=True)),
+            (PhaseResult(round_key("tidings-sampled", number),
+                         f"Tidings CreateUser, tracing on, {SAMPLED_SHARE:.0%} of traces sampled" + suffix),
+             lambda result: measure_tidings(result, processes, load, work_dir, tracing=True,
+                                            sampled=SAMPLED_SHARE)),
         ]
     return plan
 
@@ -239,8 +245,8 @@ def measurement_notes(load: Load, rounds: int = DEFAULT_ROUNDS) -> list[str]:
     """Return the page's explanation of each figure, with this run's settings filled in."""
     return [
         f"- **Targets**: the CreateUser phases run in {rounds} interleaved round(s) (dual write, "
-        "tracing off, tracing on, then again), and every CreateUser figure on this page is from "
-        "each phase's round with the median calls/s. With an even number of rounds that is the "
+        "tracing off, tracing on, sampled tracing, then again), and every CreateUser figure on this "
+        "page is from each phase's round with the median calls/s. With an even number of rounds that is the "
         "faster of the two middle ones. The tracing cost is 1 - (tracing-on calls/s ÷ tracing-off "
         "calls/s). The RSS target is 100 MB (decimal) for every users, orders, inventory, payments, "
         "notifications and gateway process of the run, all rounds and phases included.",
@@ -358,6 +364,10 @@ def measurement_notes(load: Load, rounds: int = DEFAULT_ROUNDS) -> list[str]:
         "- **Tracing on**: `OTEL_TRACES_EXPORTER=otlp` to an OTLP/gRPC receiver process that the "
         f"harness starts on loopback, which counts spans and drops them. `OTEL_BSP_SCHEDULE_DELAY="
         f"{BSP_SCHEDULE_DELAY_MS}` ms, and the other batch span processor settings are the SDK defaults. "
+        "**Sampled tracing** adds `OTEL_TRACES_SAMPLER=parentbased_traceidratio` and "
+        f"`OTEL_TRACES_SAMPLER_ARG={SAMPLED_SHARE}`: the users service records that share of the "
+        "CreateUser traces, and the relay and the consumer follow its decision, which travels in "
+        "`traceparent`. "
         "**Tracing off**: `OTEL_SDK_DISABLED=true`, so the gRPC interceptor, relay and consumer use "
         "the no-op tracer. The change column is (on - off) / off. The CPU ms per measured call is "
         "a service's user plus system time from the first measured call until the consumer "

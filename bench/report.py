@@ -403,18 +403,29 @@ def _cpu_measures(
 
 
 def tracing_table(phases: dict[str, PhaseResult]) -> Table:
-    """Return rows comparing the CreateUser path with tracing off and on."""
-    off, on = phases.get("tidings-off"), phases.get("tidings-on")
-    measures = [
-        ("CreateUser calls/s", _calls_per_s(off), _calls_per_s(on)),
-        ("CreateUser call p50 ms", _latency_of(off, "p50_ms"), _latency_of(on, "p50_ms")),
-        ("CreateUser call p99 ms", _latency_of(off, "p99_ms"), _latency_of(on, "p99_ms")),
-        ("pipeline events/s", off.pipeline_per_s if off else None, on.pipeline_per_s if on else None),
-        ("event latency p50 ms", _p50(off.event_latency) if off else None,
-         _p50(on.event_latency) if on else None),
-        *_cpu_measures(off, on, ("users", "notifications"), "call"),
+    """Return rows comparing the CreateUser path with tracing off, on, and on for a sample of traces."""
+    off, on, sampled = (phases.get(key) for key in ("tidings-off", "tidings-on", "tidings-sampled"))
+
+    def measures(phase: PhaseResult | None) -> list[float | None]:
+        return [
+            _calls_per_s(phase), _latency_of(phase, "p50_ms"), _latency_of(phase, "p99_ms"),
+            phase.pipeline_per_s if phase else None, _p50(phase.event_latency) if phase else None,
+            *(phase.cpu_ms_per_call.get(service) if phase else None
+              for service in ("users", "notifications")),
+        ]
+
+    labels = [
+        "CreateUser calls/s", "CreateUser call p50 ms", "CreateUser call p99 ms", "pipeline events/s",
+        "event latency p50 ms", "users CPU ms per measured call", "notifications CPU ms per measured call",
     ]
-    return _change_rows(measures)
+    rows = [["measure", "tracing off", "tracing on", "change with tracing on",
+             "tracing on, sampled", "change with sampled tracing"]]
+    for label, value_off, value_on, value_sampled in zip(
+        labels, measures(off), measures(on), measures(sampled), strict=True
+    ):
+        rows.append([label, _number(value_off), _number(value_on), _change(value_off, value_on),
+                     _number(value_sampled), _change(value_off, value_sampled)])
+    return rows
 
 
 def saga_tracing_table(phases: dict[str, PhaseResult]) -> Table:
@@ -470,7 +481,7 @@ def format_table(rows: Table) -> list[str]:
 
 def _span_lines(phases: dict[str, PhaseResult]) -> list[str]:
     lines = []
-    for key in ("tidings-on", "saga-on", "gateway-on"):
+    for key in ("tidings-on", "tidings-sampled", "saga-on", "gateway-on"):
         phase = phases.get(key)
         if phase is None or phase.spans is None:
             continue

@@ -64,7 +64,7 @@ class PhaseResult:
 
 
 # The CreateUser phases that run once per round, in this order within a round.
-ROUND_KEYS = ("dual-write", "tidings-off", "tidings-on")
+ROUND_KEYS = ("dual-write", "tidings-off", "tidings-on", "tidings-sampled")
 
 
 def round_key(key: str, round_number: int) -> str:

@@ -50,13 +50,15 @@ def service_environment(
     addresses: Mapping[str, str],
     otlp_port: int | None,
     monitor_url: str | None = None,
+    sampled: float | None = None,
 ) -> dict[str, str]:
     """Return the environment of the service processes of one run.
 
     addresses maps each service name, such as ``users``, to its loopback
     ``host:port``, which every process gets as TIDINGS_<NAME>_PORT. With
     otlp_port, spans go to the OTLP/gRPC receiver on that port. Without it, the
-    OpenTelemetry SDK is disabled.
+    OpenTelemetry SDK is disabled. With sampled, that share of the traces is
+    recorded; otherwise every trace is.
     """
     variables = {
         "NATS_URL": nats_url,
@@ -79,6 +81,11 @@ def service_environment(
             "OTEL_EXPORTER_OTLP_INSECURE": "true",
             "OTEL_BSP_SCHEDULE_DELAY": str(BSP_SCHEDULE_DELAY_MS),
         })
+        if sampled is not None:
+            variables.update({
+                "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                "OTEL_TRACES_SAMPLER_ARG": str(sampled),
+            })
     return child_environment(variables)
 
 
@@ -106,19 +113,25 @@ async def measure_tidings(
     tracing: bool,
     users_module: str = "services.users.main",
     variant: str = "Tidings",
+    sampled: float | None = None,
 ) -> None:
     """Run a users service and the notifications service with their own nats-server and measure them.
 
     users_module selects the users process: the real service, or the
-    dual-write baseline in bench.dual_write that publishes inline.
+    dual-write baseline in bench.dual_write that publishes inline. With
+    tracing and sampled, the services record that share of the traces.
     """
     label = f"{variant}, tracing on" if tracing else f"{variant}, tracing off"
+    if tracing and sampled is not None:
+        label += f", {sampled:.0%} sampled"
     _, _, round_number = result.key.partition("#")
     if round_number:
         # Rounds of one phase get their own process names, data and result files.
         label += f", round {round_number}"
     nats_server = await processes.start_nats(f"nats-server ({label})")
     suffix = f"{variant.lower().replace(' ', '-')}-{'on' if tracing else 'off'}"
+    if tracing and sampled is not None:
+        suffix += "-sampled"
     if round_number:
         suffix += f"-{round_number}"
 
@@ -134,7 +147,7 @@ async def measure_tidings(
     environment = service_environment(
         nats_server.url, data_dir,
         {"users": addresses.users, "notifications": addresses.notifications}, otlp_port,
-        nats_server.server.monitor_url,
+        nats_server.server.monitor_url, sampled,
     )
     users = await processes.start_python(f"users ({label})", service_arguments(users_module), environment)
     notifications = await processes.start_python(
@@ -155,7 +168,8 @@ async def measure_tidings(
         await processes.stop(receiver)
         counts = await wait_for_result(receiver, receiver_result, timeout=5.0)
         result.spans = {str(name): int(count) for name, count in counts["spans"].items()}
-        _check_span_counts(result, load)
+        if sampled is None:
+            _check_span_counts(result, load)
     await processes.stop(nats_server)
 
 

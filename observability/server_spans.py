@@ -56,7 +56,7 @@ _GETTER = _MetadataGetter()
 
 
 class _Method:
-    """What every call of one method shares: its span name and fixed attributes."""
+    """The span name and fixed attributes that every call of one method shares."""
 
     def __init__(self, full_method: str) -> None:
         service, _, method = full_method.lstrip("/").partition("/")
@@ -167,7 +167,7 @@ class ServerSpanInterceptor(grpc.aio.ServerInterceptor):
         return traced
 
     def _start(self, method: _Method, context: grpc.aio.ServicerContext) -> tuple[Span, Context]:
-        """Start the call's span; return it and the context that holds it."""
+        """Start the call's span; return it and the context in which it is the current span."""
         parent = propagate.extract(context.invocation_metadata() or (), getter=_GETTER)
         attributes = dict(method.attributes)
         attributes.update(_peer_attributes(context.peer()))

@@ -81,7 +81,7 @@ class Settings(BaseSettings):
     consumer_max_deliver: Annotated[int, Field(ge=1)] = 5
     consumer_backoff: tuple[PositiveSeconds, ...] = Field(
         default=(0.5, 2.0, 10.0),
-        description="Redelivery delays in seconds after the 1st, 2nd, ... failure (JSON list).",
+        description="Seconds before the retry after the 1st, 2nd, ... failure of an event (JSON list).",
     )
 
     saga_timeout: PositiveSeconds = Field(

@@ -6,6 +6,10 @@ without running the handler again. On SQLite a fetched batch runs in order in
 one transaction, with a savepoint per event. On PostgreSQL the events of one
 aggregate (``ce-subject``) in a batch run one after another, each in its own
 transaction, and different aggregates run concurrently.
+
+A failed event is retried in this process, after the configured backoff,
+while its message is kept in progress. Later events of the same aggregate
+wait behind it, so that none overtakes it; those of other aggregates go on.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -41,6 +46,9 @@ from services.runtime.stall import StallWatch
 
 logger = logging.getLogger(__name__)
 
+# Seconds a fetch waits for messages before the loop looks at stop() again.
+FETCH_TIMEOUT = 1.0
+
 __all__ = [
     "ConsumerSettings",
     "ConsumerSpec",
@@ -58,6 +66,32 @@ class _Work:
     event: ReceivedEvent
     payload: Message
     handler: Handler
+
+    @property
+    def entity(self) -> str:
+        """The aggregate the event belongs to (``ce-subject``), or the NATS subject without one."""
+        return self.event.subject or self.message.subject
+
+
+# The outcome of an event that was not applied because an earlier event of its
+# entity failed in the same batch.
+_WAITING = "waiting"
+
+
+@dataclass
+class _BlockedEntity:
+    """The events of one entity waiting behind a failed one, the failed one first.
+
+    Attributes:
+        queue: The waiting events in stream order; the first is retried.
+        failures: Failed attempts of the first event in this process.
+        last_error: The error of the first event's last attempt.
+    """
+
+    queue: deque[_Work]
+    failures: int = 0
+    last_error: Exception | None = None
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
 class EventConsumer:
@@ -83,6 +117,9 @@ class EventConsumer:
         self.dead_lettered = 0
         self.applied = 0
         self.duplicates = 0
+        # Entities with a failed event, by entity. Their later events wait in
+        # the queue until the failed one is applied or dead-lettered.
+        self._blocked: dict[str, _BlockedEntity] = {}
 
     async def start(self) -> None:
         """Create or update the durable consumer on the server and bind to it."""
@@ -116,7 +153,7 @@ class EventConsumer:
         stop_requested = asyncio.ensure_future(self._stopping.wait())
         while not self._stopping.is_set():
             fetch = asyncio.ensure_future(
-                self._subscription.fetch(self._settings.batch_size, timeout=1.0)
+                self._subscription.fetch(self._settings.batch_size, timeout=FETCH_TIMEOUT)
             )
             # Waiting on stop too lets shutdown skip the rest of an idle fetch.
             # Messages of a cancelled fetch are not acked, so JetStream
@@ -142,12 +179,22 @@ class EventConsumer:
             await self._apply_batch(messages)
 
         stop_requested.cancel()
+        # Retries end at stop, and the events that wait go back to JetStream.
+        await asyncio.gather(*(blocked.task for blocked in list(self._blocked.values()) if blocked.task))
+        await self._release_blocked()
         # An open pull subscription would hold up the connection's drain.
         with contextlib.suppress(NatsError, JetStreamError):
             await self._subscription.unsubscribe()
 
     async def _apply_batch(self, messages: list[Msg]) -> None:
-        work = [item for message in messages if (item := await self._prepare(message)) is not None]
+        prepared = [item for message in messages if (item := await self._prepare(message)) is not None]
+        work = []
+        for item in prepared:
+            blocked = self._blocked.get(item.entity)
+            if blocked is None:
+                work.append(item)
+            else:
+                self._wait_behind(blocked, item)
         if not work:
             return
 
@@ -159,11 +206,15 @@ class EventConsumer:
 
         by_aggregate: dict[str, list[_Work]] = {}
         for item in work:
-            by_aggregate.setdefault(item.event.subject or item.message.subject, []).append(item)
+            by_aggregate.setdefault(item.entity, []).append(item)
 
         async def apply_in_order(group: list[_Work]) -> None:
             for item in group:
-                await self._apply_alone(item)
+                blocked = self._blocked.get(item.entity)
+                if blocked is not None:
+                    self._wait_behind(blocked, item)
+                    continue
+                await self._settle(item, await self._apply_alone(item))
 
         async with asyncio.TaskGroup() as group_tasks:
             for group in by_aggregate.values():
@@ -194,7 +245,8 @@ class EventConsumer:
             return None
         return _Work(message, event, payload, handler)
 
-    async def _apply_alone(self, work: _Work) -> None:
+    async def _apply_alone(self, work: _Work) -> bool | Exception:
+        """Apply one event in its own transaction; return whether it ran, or its error."""
         heartbeat = asyncio.create_task(self._keep_in_progress([work.message]))
         try:
             with self._span(work) as span:
@@ -203,19 +255,21 @@ class EventConsumer:
                         applied = await self._record_and_handle(tx, work)
                 except Exception as exc:
                     mark_failed(span, exc)
-                    outcome: bool | Exception = exc
-                else:
-                    outcome = applied
+                    return exc
+                return applied
         finally:
             heartbeat.cancel()
-        await self._settle(work, outcome)
 
     async def _apply_in_one_transaction(self, batch: list[_Work]) -> None:
         heartbeat = asyncio.create_task(self._keep_in_progress([w.message for w in batch]))
-        outcomes: list[bool | Exception] = []
+        outcomes: list[bool | Exception | str] = []
         try:
             async with self._database.transaction() as tx:
+                failed: set[str] = set()
                 for work in batch:
+                    if work.entity in failed:
+                        outcomes.append(_WAITING)
+                        continue
                     with self._span(work) as span:
                         try:
                             async with tx.savepoint():
@@ -223,6 +277,7 @@ class EventConsumer:
                         except Exception as exc:
                             mark_failed(span, exc)
                             outcomes.append(exc)
+                            failed.add(work.entity)
         except Exception as exc:
             # The commit failed, so nothing of the batch was applied.
             logger.error("batch commit failed; the events are redelivered",
@@ -231,8 +286,16 @@ class EventConsumer:
         finally:
             heartbeat.cancel()
 
+        # Holds first and without an await, so that a retry that starts
+        # meanwhile finds every event of its entity in its queue.
         for work, outcome in zip(batch, outcomes, strict=True):
-            await self._settle(work, outcome)
+            if isinstance(outcome, Exception):
+                self._block(work, outcome)
+            elif outcome == _WAITING:
+                self._wait_behind(self._blocked[work.entity], work)
+        for work, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, bool):
+                await self._ack(work, applied=outcome)
 
     async def _record_and_handle(self, tx: Transaction, work: _Work) -> bool:
         """Run the handler unless this consumer already applied the event; return whether it ran."""
@@ -247,18 +310,133 @@ class EventConsumer:
         return True
 
     async def _settle(self, work: _Work, outcome: bool | Exception) -> None:
-        """Ack an applied or duplicate event; schedule a retry for a failed one."""
+        """Ack an applied or duplicate event; hold a failed one and the later events of its entity."""
         if isinstance(outcome, Exception):
-            await self._retry_later(work.message, work.event, outcome)
+            self._block(work, outcome)
             return
+        await self._ack(work, applied=outcome)
+
+    async def _ack(self, work: _Work, *, applied: bool) -> None:
         await work.message.ack()
-        if outcome:
+        if applied:
             self.applied += 1
             return
         self.duplicates += 1
         logger.info(
             "duplicate event dropped", extra={"consumer": self.spec.durable, "event_id": work.event.id}
         )
+
+    def _block(self, work: _Work, error: Exception) -> None:
+        """Start retrying a failed event; later events of its entity wait behind it until it is settled."""
+        blocked = self._blocked.get(work.entity)
+        if blocked is not None:
+            # A failed commit fails every event of the batch, also the later
+            # ones of an entity that is now blocked.
+            self._wait_behind(blocked, work)
+            return
+        blocked = self._blocked[work.entity] = _BlockedEntity(deque([work]), failures=1, last_error=error)
+        blocked.task = asyncio.create_task(self._retry(work.entity, blocked))
+
+    def _wait_behind(self, blocked: _BlockedEntity, work: _Work) -> None:
+        blocked.queue.append(work)
+        logger.info(
+            "event waits behind a failed event of its entity",
+            extra={"consumer": self.spec.durable, "event_id": work.event.id, "entity": work.entity,
+                   "failed_event_id": blocked.queue[0].event.id},
+        )
+
+    def _attempts(self, blocked: _BlockedEntity) -> int:
+        """Attempts at the first waiting event so far: earlier deliveries plus failures here."""
+        return blocked.queue[0].message.metadata.num_delivered - 1 + blocked.failures
+
+    async def _give_up_if_done(self, blocked: _BlockedEntity) -> bool:
+        """Dead-letter the first waiting event when it may not be tried again; return whether it was.
+
+        Returns False as well when the dead-letter publish failed: the event
+        is then tried again, and dead-lettered after that attempt.
+        """
+        work, error = blocked.queue[0], blocked.last_error
+        assert error is not None
+        attempts = self._attempts(blocked)
+        if isinstance(error, PermanentEventError):
+            reason = "permanent failure"
+        elif attempts >= self._settings.max_deliver:
+            reason = f"failed {attempts} attempts"
+        else:
+            return False
+        stored = await self._dead_letter(
+            work.message, reason, error, attempts=attempts, settle_on_failure=False
+        )
+        if stored:
+            blocked.queue.popleft()
+            blocked.failures, blocked.last_error = 0, None
+        return stored
+
+    async def _retry(self, entity: str, blocked: _BlockedEntity) -> None:
+        """Retry the first waiting event after its backoff, then apply the rest in order, until none waits.
+
+        At stop the entity stays blocked: run() hands the waiting events back to
+        JetStream, the failed one first, so that a replica or the next start
+        takes them over.
+        """
+        heartbeat = asyncio.create_task(self._keep_in_progress_queue(blocked.queue))
+        try:
+            while blocked.queue and not self._stopping.is_set():
+                work = blocked.queue[0]
+                if blocked.failures:
+                    if await self._give_up_if_done(blocked):
+                        continue
+                    self._log_retry(blocked)
+                    if await self._stop_within(self._backoff(self._attempts(blocked))):
+                        break
+                outcome = await self._apply_alone(work)
+                if isinstance(outcome, Exception):
+                    blocked.failures += 1
+                    blocked.last_error = outcome
+                    continue
+                blocked.queue.popleft()
+                blocked.failures, blocked.last_error = 0, None
+                await self._ack(work, applied=outcome)
+        finally:
+            heartbeat.cancel()
+            # No await between the last look at the queue and this: a batch
+            # adds to the queue only while the entity is in _held.
+            if not self._stopping.is_set():
+                del self._blocked[entity]
+
+    async def _release_blocked(self) -> None:
+        """Hand every waiting event back to JetStream for redelivery, oldest of each entity first.
+
+        The oldest goes back at once and each later one FETCH_TIMEOUT seconds
+        after the one before. JetStream may hand a returned message to the
+        pull request of the fetch that stop() abandoned, which it keeps for up
+        to FETCH_TIMEOUT, and then queue it behind messages returned after it.
+        """
+        for blocked in self._blocked.values():
+            for position, work in enumerate(blocked.queue):
+                with contextlib.suppress(NatsError):
+                    await work.message.nak(delay=position * FETCH_TIMEOUT or None)
+        self._blocked.clear()
+
+    def _backoff(self, attempts: int) -> float:
+        backoff = self._settings.backoff
+        return backoff[min(attempts, len(backoff)) - 1] if backoff else 0.0
+
+    def _log_retry(self, blocked: _BlockedEntity) -> None:
+        work, attempts = blocked.queue[0], self._attempts(blocked)
+        logger.warning(
+            "handler failed; retry scheduled",
+            extra={"consumer": self.spec.durable, "event_id": work.event.id, "event_type": work.event.type,
+                   "entity": work.entity, "attempt": attempts, "delay": self._backoff(attempts),
+                   "waiting_events": len(blocked.queue) - 1},
+            exc_info=blocked.last_error,
+        )
+
+    async def _stop_within(self, seconds: float) -> bool:
+        """Wait seconds, or less when stop() is called; return whether it was."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+        return self._stopping.is_set()
 
     def _span(self, work: _Work) -> Any:
         return consumer_span(
@@ -271,37 +449,42 @@ class EventConsumer:
             delivery_count=work.message.metadata.num_delivered,
         )
 
-    async def _retry_later(self, message: Msg, event: ReceivedEvent, error: Exception) -> None:
-        delivered = message.metadata.num_delivered
-        if isinstance(error, PermanentEventError):
-            await self._dead_letter(message, "permanent failure", error)
-            return
-        if delivered >= self._settings.max_deliver:
-            await self._dead_letter(message, f"failed {delivered} deliveries", error)
-            return
-        backoff = self._settings.backoff
-        delay = backoff[min(delivered, len(backoff)) - 1] if backoff else None
-        logger.warning(
-            "handler failed; redelivery scheduled",
-            extra={"consumer": self.spec.durable, "event_id": event.id, "event_type": event.type,
-                   "delivery": delivered, "delay": delay},
-            exc_info=error,
-        )
-        await message.nak(delay=delay)
+    async def _dead_letter(
+        self,
+        message: Msg,
+        reason: str,
+        error: BaseException | str,
+        *,
+        attempts: int | None = None,
+        settle_on_failure: bool = True,
+    ) -> bool:
+        """Move a message to the dead letters and return True, or return False when that fails.
 
-    async def _dead_letter(self, message: Msg, reason: str, error: BaseException | str) -> None:
-        """Move a message to the dead letters, or leave it for redelivery if that fails."""
+        When the publish fails and settle_on_failure is set, the message is
+        handed back for redelivery after the longest backoff.
+        """
         try:
-            await self._dead_letters.publish(message, reason=reason, error=error)
+            await self._dead_letters.publish(message, reason=reason, error=error, attempts=attempts)
         except (NatsError, JetStreamError, TimeoutError) as exc:
             logger.warning(
-                "dead letter not stored; the event is delivered again",
+                "dead letter not stored; the event is tried again",
                 extra={"consumer": self.spec.durable, "subject": message.subject, "error": repr(exc)},
             )
-            await message.nak(delay=self._settings.backoff[-1] if self._settings.backoff else None)
-            return
+            if settle_on_failure:
+                await message.nak(delay=self._settings.backoff[-1] if self._settings.backoff else None)
+            return False
         await message.term()
         self.dead_lettered += 1
+        return True
+
+    async def _keep_in_progress_queue(self, queue: deque[_Work]) -> None:
+        """Extend the ack deadline of every waiting event, so that none is redelivered while it waits."""
+        interval = self._settings.ack_wait / 3
+        while True:
+            await asyncio.sleep(interval)
+            for work in list(queue):
+                with contextlib.suppress(NatsError):
+                    await work.message.in_progress()
 
     async def _keep_in_progress(self, messages: list[Msg]) -> None:
         """Extend the ack deadline while slow handlers run, so nothing is redelivered meanwhile."""

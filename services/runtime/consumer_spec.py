@@ -35,9 +35,9 @@ class ConsumerSpec:
         subjects: Subject filters within the stream.
         handlers: Handler per CloudEvents type (full protobuf name). Events of
             other types on the subjects go to the dead letters.
-        max_deliver: Deliveries before an event goes to the dead letters;
+        max_deliver: Attempts before an event goes to the dead letters;
             TIDINGS_CONSUMER_MAX_DELIVER when None.
-        backoff: Seconds to wait before the 2nd, 3rd, ... delivery after a
+        backoff: Seconds to wait before the 2nd, 3rd, ... attempt after a
             failure (the last value repeats); TIDINGS_CONSUMER_BACKOFF when None.
     """
 

@@ -70,8 +70,13 @@ class DeadLetterPublisher:
         self._consumer = consumer
         self._stream = stream
 
-    async def publish(self, message: Msg, *, reason: str, error: BaseException | str) -> None:
+    async def publish(
+        self, message: Msg, *, reason: str, error: BaseException | str, attempts: int | None = None
+    ) -> None:
         """Store message as a dead letter and wait for JetStream's ack.
+
+        attempts is how often the consumer tried to apply it, when that differs
+        from the server's delivery count (retries within one delivery).
 
         Raises:
             nats.errors.Error: The publish failed; the caller must not settle
@@ -79,13 +84,14 @@ class DeadLetterPublisher:
         """
         metadata = message.metadata
         stream_sequence = metadata.sequence.stream if metadata.sequence else 0
+        deliveries = metadata.num_delivered if attempts is None else attempts
         headers = dict(message.headers or {})
         headers.update({
             f"{HEADER_PREFIX}Consumer": self._consumer,
             f"{HEADER_PREFIX}Stream": self._stream,
             f"{HEADER_PREFIX}Subject": message.subject,
             f"{HEADER_PREFIX}Stream-Sequence": str(stream_sequence),
-            f"{HEADER_PREFIX}Deliveries": str(metadata.num_delivered),
+            f"{HEADER_PREFIX}Deliveries": str(deliveries),
             f"{HEADER_PREFIX}Reason": reason,
             f"{HEADER_PREFIX}Error": _one_line(error),
             f"{HEADER_PREFIX}Time": datetime.now(UTC).isoformat(),
@@ -100,7 +106,7 @@ class DeadLetterPublisher:
                 "consumer": self._consumer,
                 "event_id": headers.get("ce-id", ""),
                 "subject": message.subject,
-                "deliveries": metadata.num_delivered,
+                "deliveries": deliveries,
                 "reason": reason,
                 "error": headers[f"{HEADER_PREFIX}Error"],
             },

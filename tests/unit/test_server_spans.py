@@ -148,7 +148,9 @@ async def test_server_span_has_rpc_attributes(channel: grpc.aio.Channel, spans: 
     }
 
 
-async def test_server_span_records_ok_status_code(channel: grpc.aio.Channel, spans: InMemorySpanExporter) -> None:
+async def test_server_span_records_ok_status_code(
+    channel: grpc.aio.Channel, spans: InMemorySpanExporter
+) -> None:
     await _call(channel, "Echo")
 
     assert (_only_span(spans).attributes or {})["rpc.grpc.status_code"] == 0
@@ -312,9 +314,9 @@ async def test_server_span_covers_a_client_stream(
     assert response == f"{context.trace_id:032x}-{context.span_id:016x}".encode()
 
 
-async def test_server_span_interceptor_without_sdk_passes_the_trace_on(spans: InMemorySpanExporter) -> None:
-    # With the SDK off, the handler still sees the caller's trace id, so that
-    # its outgoing calls and events continue that trace.
+async def test_server_span_without_sdk_passes_the_trace_on(spans: InMemorySpanExporter) -> None:
+    # With the SDK off, the handler still gets the caller's trace id as its
+    # current one, so that its outgoing calls and events continue that trace.
     async with _probe_server(ServerSpanInterceptor(trace.NoOpTracerProvider())) as channel:
         seen = await _call(channel, "Echo", metadata=[("traceparent", TRACEPARENT)])
 
@@ -326,7 +328,8 @@ async def test_server_span_interceptor_without_sdk_passes_the_trace_on(spans: In
     [
         ("ipv4:127.0.0.1:50051", {"network.peer.address": "127.0.0.1", "network.peer.port": 50051}),
         ("ipv6:[::1]:50051", {"network.peer.address": "::1", "network.peer.port": 50051}),
-        ("ipv4:10.0.0.7:1234,127.0.0.1:50051", {"network.peer.address": "10.0.0.7", "network.peer.port": 1234}),
+        ("ipv4:10.0.0.7:1234,127.0.0.1:50051",
+         {"network.peer.address": "10.0.0.7", "network.peer.port": 1234}),
         ("unix:/tmp/grpc.sock", {}),
         ("ipv4:no-port", {}),
         ("", {}),

@@ -85,7 +85,8 @@ def _tidings_command() -> list[str]:
             pytest.fail(f"tidings console script not found next to {sys.executable} or on PATH; "
                         "install the project with `pip install -e .`")
         script = Path(found)
-    return [str(script), "up"]
+    # Text logs, as at a terminal, so that the tests cover the output relay too.
+    return [str(script), "up", "--log-format", "text"]
 
 
 @pytest.fixture
@@ -377,6 +378,12 @@ async def _spans_when(
     spans = receiver.spans_of_trace(trace_id)
     present = {(s.service, s.kind) for s in spans}
     return spans if all(item in present for item in wanted) else None
+
+
+def test_tidings_up_prints_service_logs_as_text(tidings_up: RunningSystem) -> None:
+    ready_line = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} users +INFO +service ready +port=\d+$", re.MULTILINE)
+
+    assert ready_line.search(tidings_up.supervisor.stdout()), tidings_up.supervisor.log_tail()
 
 
 def test_tidings_up_records_the_gateway_url(tidings_up: RunningSystem) -> None:

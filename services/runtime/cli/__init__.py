@@ -48,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     up.add_argument("--no-gateway", action="store_true", help="start the services without the gateway")
+    up.add_argument(
+        "--log-format", choices=("auto", "text", "json"), default="auto",
+        help="how to print the services' logs: text lines in columns, or their JSON lines as "
+        "they are (default: text at a terminal, json otherwise)",
+    )
 
     token = commands.add_parser(
         "token", help="print a bearer token for the gateway of a local `tidings up` (HS256)"
@@ -145,7 +150,8 @@ async def _dispatch(options: argparse.Namespace, settings: object) -> int:
         from services.runtime.cli.supervisor import Supervisor
 
         return await Supervisor(
-            settings, nats_cluster=options.nats_cluster, gateway=not options.no_gateway
+            settings, nats_cluster=options.nats_cluster, gateway=not options.no_gateway,
+            log_format=options.log_format,
         ).run()
     if options.command == "token":
         from services.runtime.cli.token import print_token

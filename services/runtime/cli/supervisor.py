@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from observability.logging import redact_url
+from services.runtime.cli.console_log import render_line
 from services.runtime.cli.embedded_nats import (
     EmbeddedCluster,
     EmbeddedNats,
@@ -46,6 +47,11 @@ _JWT_KEY_VARIABLES = (
 
 READY_TIMEOUT = 60.0
 
+# Longest log line printed as one line in text mode; a longer one is cut into parts.
+MAX_LOG_LINE_BYTES = 1 << 20
+# Seconds to wait at exit for the last lines of the stopped children.
+OUTPUT_DRAIN_TIMEOUT = 2.0
+
 
 @dataclass
 class Child:
@@ -65,11 +71,24 @@ class Supervisor:
         services: tuple[str, ...] = SERVICES,
         nats_cluster: int = 1,
         gateway: bool = True,
+        log_format: str = "auto",
     ) -> None:
+        """Prepare a supervisor; run() starts the processes.
+
+        Args:
+            log_format: ``text`` prints the services' JSON log lines as text
+                in columns (console_log.render_line), ``json`` lets them through
+                as they are, and ``auto`` picks text when stdout is a terminal.
+        """
         self.settings = settings
         self.services = services
         self.gateway = gateway
         self.nats_cluster = nats_cluster
+        terminal = sys.stdout.isatty()
+        self.text_logs = log_format == "text" or (log_format == "auto" and terminal)
+        # https://no-color.org: any non-empty NO_COLOR turns colors off.
+        self.color = self.text_logs and terminal and not os.environ.get("NO_COLOR")
+        self._output_readers: list[asyncio.Task[None]] = []
         self.nats: EmbeddedNats | EmbeddedCluster | None = None
         self._child_settings: dict[str, str] = {}
         self.children: list[Child] = []
@@ -177,13 +196,33 @@ class Supervisor:
             [sys.executable, "-m", "gateway.main"] if name == GATEWAY
             else service_command(f"services.{name}.main")
         )
+        if self.text_logs:
+            # Line by line through a pipe; unbuffered, so that no line waits in the child.
+            environment["PYTHONUNBUFFERED"] = "1"
         process = await asyncio.create_subprocess_exec(
             *child_command(command),
-            env=environment, stdin=asyncio.subprocess.DEVNULL, **child_process_options(),
+            env=environment, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE if self.text_logs else None,
+            stderr=asyncio.subprocess.STDOUT if self.text_logs else None,
+            limit=MAX_LOG_LINE_BYTES, **child_process_options(),
         )
+        if process.stdout is not None:
+            self._output_readers.append(asyncio.create_task(self._print_output(name, process.stdout)))
         address = self.settings.address_of(name)
         self.children.append(Child(name, address, process))
         print(f"started {name} (pid {process.pid}) on {address}", flush=True)
+
+    async def _print_output(self, name: str, stream: asyncio.StreamReader) -> None:
+        """Print each line a child writes as text, until it closes its output."""
+        while True:
+            try:
+                raw = await stream.readline()
+            except ValueError:
+                # A line above MAX_LOG_LINE_BYTES: print what the buffer holds as it is.
+                raw = await stream.read(MAX_LOG_LINE_BYTES)
+            if not raw:
+                return
+            print(render_line(name, raw.decode(errors="replace"), color=self.color), flush=True)
 
     async def _wait_until_ready(self) -> bool:
         checks = [
@@ -261,6 +300,11 @@ class Supervisor:
                       file=sys.stderr, flush=True)
                 child.process.kill()
                 await child.process.wait()
+        # The last lines of the stopped children, such as "service stopped".
+        if self._output_readers:
+            await asyncio.wait(self._output_readers, timeout=OUTPUT_DRAIN_TIMEOUT)
+            for reader in self._output_readers:
+                reader.cancel()
         gateway_url_file(self.settings).unlink(missing_ok=True)
         if self.nats is not None:
             nats_url_file(self.settings).unlink(missing_ok=True)

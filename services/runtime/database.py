@@ -199,7 +199,6 @@ class Database:
             await self._async.dispose()
 
 
-@functools.cache
 def _end_failed_transaction(connection: Connection) -> None:
     """Leave the kept-open SQLite connection outside any transaction after a failure.
 
@@ -218,6 +217,7 @@ def _end_failed_transaction(connection: Connection) -> None:
         connection.invalidate()
 
 
+@functools.cache
 def _insert_ignoring_conflicts(is_sqlite: bool, table: Table) -> Any:
     # Cached, so that each call site executes one statement object whose
     # compiled form SQLAlchemy finds by the key memoized on it.

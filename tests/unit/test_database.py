@@ -124,3 +124,21 @@ async def test_failed_commit_keeps_connection_usable(database: Database) -> None
     ids = await _ids(database)
 
     assert ids == [7]
+
+
+async def test_second_failed_commit_keeps_connection_usable(database: Database) -> None:
+    for _ in range(2):
+        with pytest.raises(IntegrityError):
+            async with database.transaction() as tx:
+                await tx.execute(insert(children).values(id=1, parent_id=99))
+
+    async with database.transaction() as tx:
+        await tx.execute(insert(counters).values(id=7))
+    ids = await _ids(database)
+
+    assert ids == [7]
+
+
+def test_insert_ignoring_conflicts_is_one_statement_per_table(database: Database) -> None:
+    # One statement object per table keeps SQLAlchemy's compiled cache hits cheap.
+    assert database.insert_ignoring_conflicts(counters) is database.insert_ignoring_conflicts(counters)

@@ -75,8 +75,9 @@ class DeadLetterPublisher:
     ) -> None:
         """Store message as a dead letter and wait for JetStream's ack.
 
-        attempts is how often the consumer tried to apply it, when that differs
-        from the server's delivery count (retries within one delivery).
+        attempts is how often the consumer's handler failed on it, for a
+        message that reached the handler; it is written to the ``Attempts``
+        header. ``Deliveries`` is JetStream's delivery count.
 
         Raises:
             nats.errors.Error: The publish failed; the caller must not settle
@@ -84,14 +85,13 @@ class DeadLetterPublisher:
         """
         metadata = message.metadata
         stream_sequence = metadata.sequence.stream if metadata.sequence else 0
-        deliveries = metadata.num_delivered if attempts is None else attempts
         headers = dict(message.headers or {})
         headers.update({
             f"{HEADER_PREFIX}Consumer": self._consumer,
             f"{HEADER_PREFIX}Stream": self._stream,
             f"{HEADER_PREFIX}Subject": message.subject,
             f"{HEADER_PREFIX}Stream-Sequence": str(stream_sequence),
-            f"{HEADER_PREFIX}Deliveries": str(deliveries),
+            f"{HEADER_PREFIX}Deliveries": str(metadata.num_delivered),
             f"{HEADER_PREFIX}Reason": reason,
             f"{HEADER_PREFIX}Error": _one_line(error),
             f"{HEADER_PREFIX}Time": datetime.now(UTC).isoformat(),
@@ -99,6 +99,8 @@ class DeadLetterPublisher:
             # the consumer tries to store it.
             "Nats-Msg-Id": f"dlq:{self._consumer}:{self._stream}:{stream_sequence}",
         })
+        if attempts is not None:
+            headers[f"{HEADER_PREFIX}Attempts"] = str(attempts)
         await self._js.publish(SUBJECT_PREFIX + self._consumer, message.data, headers=headers)
         logger.error(
             "event moved to the dead letters",
@@ -106,7 +108,8 @@ class DeadLetterPublisher:
                 "consumer": self._consumer,
                 "event_id": headers.get("ce-id", ""),
                 "subject": message.subject,
-                "deliveries": deliveries,
+                "deliveries": metadata.num_delivered,
+                "attempts": attempts,
                 "reason": reason,
                 "error": headers[f"{HEADER_PREFIX}Error"],
             },

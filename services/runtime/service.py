@@ -35,6 +35,7 @@ from gateway.identity import IdentityInterceptor
 from observability.logging import configure_logging, redact_url
 from observability.server_spans import ServerSpanInterceptor
 from observability.tracing import configure_tracing, shutdown_tracing
+from services.runtime.blocked import event_failures_table
 from services.runtime.clients import server_credentials
 from services.runtime.config import Settings, load_settings
 from services.runtime.consumer import (
@@ -104,6 +105,7 @@ class Runtime:
         self.processed_events = _runtime_table(
             spec.metadata, "processed_events", processed_events_table
         )
+        self.event_failures = _runtime_table(spec.metadata, "event_failures", event_failures_table)
         self._closers: list[Callable[[], Awaitable[Any]]] = []
 
     def _max_payload(self) -> int:
@@ -341,6 +343,7 @@ class Service:
                     max_deliver=consumer_spec.max_deliver or consumer_settings.max_deliver,
                     backoff=consumer_spec.backoff or consumer_settings.backoff,
                 ),
+                self.runtime.event_failures,
             )
             await consumer.start()
             self.consumers.append(consumer)

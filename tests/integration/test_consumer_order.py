@@ -1,7 +1,9 @@
 """Order of one entity's events when a handler fails, against a real nats-server.
 
 A failed event is retried while the later events of its entity wait behind
-it; the events of other entities go on.
+it; the events of other entities go on. The first two tests run on SQLite
+(one transaction per batch) and on PostgreSQL (a transaction per event, the
+entities of a batch concurrently).
 """
 
 from __future__ import annotations
@@ -9,12 +11,14 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 
+import pytest
 from nats.aio.client import Client as NATS
 from sqlalchemy import MetaData
 
 from services.runtime.config import Settings
 from services.runtime.consumer import ConsumerSpec
 from services.runtime.database import Transaction
+from services.runtime.deadletters import HEADER_PREFIX, DeadLetter, read_dead_letters
 from services.runtime.events import ReceivedEvent, cloudevent_headers
 from services.runtime.service import Runtime, ServiceSpec
 from services.runtime.streams import USERS
@@ -67,10 +71,20 @@ def _applied(handler: _Handler, count: int):  # type: ignore[no-untyped-def]
     return probe
 
 
-async def test_failed_event_is_not_overtaken_by_its_entity(settings: Settings, nats_client: NATS) -> None:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_settings(request: pytest.FixtureRequest, settings: Settings) -> Settings:
+    """Settings for SQLite, or for PostgreSQL (skipped, saying why, when no server accepts a connection)."""
+    if request.param == "sqlite":
+        return settings
+    return settings.model_copy(update={"database_url": request.getfixturevalue("postgres_url")})
+
+
+async def test_failed_event_is_not_overtaken_by_its_entity(
+    store_settings: Settings, nats_client: NATS
+) -> None:
     handler = _Handler()
     handler.failing.add("first")
-    async with running_service(_spec(handler), settings):
+    async with running_service(_spec(handler), store_settings):
         await _publish(nats_client, "first", "user-1")
         await _publish(nats_client, "second", "user-1")
         await wait_for(lambda: _attempted(handler, "first", times=1))
@@ -85,10 +99,12 @@ async def _attempted(handler: _Handler, event_id: str, *, times: int) -> bool:
     return handler.attempts.count(event_id) >= times
 
 
-async def test_failed_event_does_not_hold_other_entities(settings: Settings, nats_client: NATS) -> None:
+async def test_failed_event_does_not_hold_other_entities(
+    store_settings: Settings, nats_client: NATS
+) -> None:
     handler = _Handler()
     handler.failing.add("first")
-    async with running_service(_spec(handler, backoff=(0.05,)), settings):
+    async with running_service(_spec(handler, backoff=(0.05,)), store_settings):
         await _publish(nats_client, "first", "user-1")
         await _publish(nats_client, "other", "user-2")
         # "first" keeps failing until "other" is applied, so this only ends
@@ -121,12 +137,31 @@ async def test_waiting_events_are_handed_back_at_stop(settings: Settings, nats_c
         await _publish(nats_client, "first", "user-1")
         await _publish(nats_client, "second", "user-1")
         await wait_for(lambda: _ack_pending(nats_client, 2))
+    # Published while no consumer runs: it must not overtake the two handed back.
+    await _publish(nats_client, "third", "user-1")
 
     fixed = _Handler()
     async with running_service(_spec(fixed), settings):
-        applied = await wait_for(_applied(fixed, 2))
+        applied = await wait_for(_applied(fixed, 3))
 
-    assert (failing.attempts, applied) == (["first"], ["first", "second"])
+    assert (failing.attempts, applied) == (["first"], ["first", "second", "third"])
+
+
+async def test_failed_attempts_count_across_restarts(settings: Settings, nats_client: NATS) -> None:
+    handler = _Handler()
+    handler.failing.add("poison")
+    async with running_service(_spec(handler, max_deliver=3, backoff=(0.05, 30.0)), settings):
+        await _publish(nats_client, "poison", "user-1")
+        await wait_for(lambda: _attempted(handler, "poison", times=2))
+    async with running_service(_spec(handler, max_deliver=3, backoff=(0.05, 30.0)), settings):
+        [letter] = await wait_for(lambda: _dead_letters(nats_client))
+
+    assert (handler.attempts.count("poison"), letter.headers[f"{HEADER_PREFIX}Attempts"]) == (3, "3")
+
+
+async def _dead_letters(nats_client: NATS) -> list[DeadLetter] | None:
+    letters = await read_dead_letters(nats_client.jetstream())
+    return letters or None
 
 
 async def _ack_pending(nats_client: NATS, count: int) -> bool:

@@ -96,7 +96,7 @@ async def test_poison_event_dead_lettered_after_retries(settings: Settings, nats
     assert letter.event_id == "poison"
     assert letter.consumer == "probe"
     assert letter.subject == SUBJECT
-    assert letter.headers[f"{HEADER_PREFIX}Deliveries"] == "3"
+    assert letter.headers[f"{HEADER_PREFIX}Attempts"] == "3"
     assert "handler bug for poison" in letter.headers[f"{HEADER_PREFIX}Error"]
 
 

@@ -136,6 +136,13 @@ class Settings(BaseSettings):
             raise ValueError("must be at least 32 bytes; generate one with `openssl rand -base64 32`")
         return value
 
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _check_data_dir(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty; name a directory, or unset it to use ./data")
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _check_log_level(cls, value: str) -> str:
@@ -215,9 +222,13 @@ def load_settings(settings_class: type[BaseSettings] = Settings) -> BaseSettings
     except SettingsError as exc:
         # Raised before validation when a list setting is not valid JSON.
         name = _unparsable_variable(str(exc), prefix)
+        field = settings_class.model_fields.get(name.removeprefix(prefix).lower())
+        annotation = str(field.annotation) if field is not None else ""
+        example = '{"users": "127.0.0.1:50051"}' if annotation.startswith("dict") else '[0.5, 2, 10]'
+        if "str" in annotation and not annotation.startswith("dict"):
+            example = '["https://app.example.com"]'
         raise ConfigurationError(
-            f"invalid {name}={os.environ.get(name, '')!r}: expected JSON such as [0.5, 2, 10] or "
-            '{"users": "127.0.0.1:50051"}'
+            f"invalid {name}={os.environ.get(name, '')!r}: expected a JSON value such as {example}"
         ) from exc
     except ValidationError as exc:
         problems = []
@@ -234,5 +245,5 @@ def load_settings(settings_class: type[BaseSettings] = Settings) -> BaseSettings
                 value = redact_url(value)
             if any(word in name for word in _SECRET_WORDS):
                 value = "***"
-            problems.append(f"invalid {name}={value!r}: {error['msg']}")
+            problems.append(f"invalid {name}={value!r}: {error['msg'].removeprefix('Value error, ')}")
         raise ConfigurationError("; ".join(dict.fromkeys(problems))) from exc

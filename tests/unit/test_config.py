@@ -229,3 +229,21 @@ def test_backoff_not_json_names_variable(monkeypatch: pytest.MonkeyPatch) -> Non
         load_settings()
 
     assert "TIDINGS_CONSUMER_BACKOFF='2,3'" in str(raised.value)
+
+
+def test_backoff_not_json_gives_a_list_example(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TIDINGS_CONSUMER_BACKOFF", "[1,")
+
+    assert _configuration_error().endswith("expected a JSON value such as [0.5, 2, 10]")
+
+
+def test_empty_data_dir_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TIDINGS_DATA_DIR", " ")
+
+    assert "invalid TIDINGS_DATA_DIR=' ': is empty" in _configuration_error()
+
+
+def test_configuration_error_has_no_validator_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TIDINGS_LOG_LEVEL", "loud")
+
+    assert "Value error" not in _configuration_error()

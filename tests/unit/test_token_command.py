@@ -10,6 +10,7 @@ import pytest
 from services.runtime.cli.supervisor import Supervisor
 from services.runtime.cli.token import print_token
 from services.runtime.config import Settings
+from services.runtime.errors import ConfigurationError
 
 SECRET = "a-local-secret-that-is-long-enough-for-hs256"
 
@@ -56,3 +57,12 @@ def test_supervisor_gateway_url_is_https_with_a_certificate(
     monkeypatch.setenv("TIDINGS_GATEWAY_TLS_CERT_FILE", "/etc/gateway.pem")
 
     assert Supervisor(settings)._gateway_url() == "https://127.0.0.1:8080"
+
+
+async def test_supervisor_rejects_unusable_data_dir(settings: Settings, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    unusable = settings.model_copy(update={"data_dir": blocker / "data"})
+
+    with pytest.raises(ConfigurationError, match="set TIDINGS_DATA_DIR to a directory"):
+        await Supervisor(unusable).run()

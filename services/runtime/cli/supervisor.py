@@ -101,6 +101,7 @@ class Supervisor:
             loop.add_signal_handler(signum, self.stopping.set)
 
         try:
+            self._check_data_dir()
             self._check_ports()
             # A file left by a `tidings up` that was killed would send the demo elsewhere.
             gateway_url_file(self.settings).unlink(missing_ok=True)
@@ -119,6 +120,20 @@ class Supervisor:
             return await self._watch()
         finally:
             await self._stop_all()
+
+    def _check_data_dir(self) -> None:
+        """Create the data directory and make sure files can be written there, or name the setting."""
+        directory = self.settings.data_dir
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            probe = directory / f".tidings-write-check-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot use {str(directory.resolve())!r} as the data directory: "
+                f"{exc.strerror or exc}; set TIDINGS_DATA_DIR to a directory this user can write to"
+            ) from exc
 
     def _check_ports(self) -> None:
         for name in (*self.services, *([GATEWAY] if self.gateway else [])):
@@ -305,7 +320,9 @@ class Supervisor:
             await asyncio.wait(self._output_readers, timeout=OUTPUT_DRAIN_TIMEOUT)
             for reader in self._output_readers:
                 reader.cancel()
-        gateway_url_file(self.settings).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            # Fails only when the data directory itself is unusable, as reported at start.
+            gateway_url_file(self.settings).unlink(missing_ok=True)
         if self.nats is not None:
             nats_url_file(self.settings).unlink(missing_ok=True)
             self.nats.stop()

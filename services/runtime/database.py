@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, Engine, MetaData, Table, create_engine, event, func, select
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
 from observability.logging import redact_url
@@ -136,16 +137,29 @@ class Database:
         return self._sqlite is not None
 
     async def create_schema(self) -> None:
-        """Create missing tables and indexes; existing ones are left as they are."""
-        if self._sqlite is not None:
-            async with self._sqlite_lock:
-                sqlite_connection = self._open_sqlite_connection()
-                with sqlite_connection.begin():
-                    self.metadata.create_all(sqlite_connection)
-        else:
-            assert self._async is not None
-            async with self._async.begin() as connection:
-                await connection.run_sync(self.metadata.create_all)
+        """Create missing tables and indexes; existing ones are left as they are.
+
+        Raises:
+            ConfigurationError: The database cannot be reached or changed; the
+                message names it (password masked) and the setting to check.
+        """
+        try:
+            if self._sqlite is not None:
+                async with self._sqlite_lock:
+                    sqlite_connection = self._open_sqlite_connection()
+                    with sqlite_connection.begin():
+                        self.metadata.create_all(sqlite_connection)
+            else:
+                assert self._async is not None
+                async with self._async.begin() as connection:
+                    await connection.run_sync(self.metadata.create_all)
+        except (SQLAlchemyError, OSError) as exc:
+            cause = getattr(exc, "orig", None) or exc
+            reason = " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
+            raise ConfigurationError(
+                f"cannot open the database {redact_url(self.url)}: {reason}; check that it runs and "
+                "that TIDINGS_DATABASE_URL (or TIDINGS_DATA_DIR for SQLite) names it"
+            ) from exc
         logger.info("database ready", extra={"database": redact_url(self.url)})
 
     @asynccontextmanager

@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import Column, ForeignKey, Integer, MetaData, Table, insert, select
 from sqlalchemy.exc import IntegrityError
 
+from services.runtime.cli.embedded_nats import free_port
 from services.runtime.database import Database
 from services.runtime.errors import ConfigurationError
 
@@ -142,3 +143,23 @@ async def test_second_failed_commit_keeps_connection_usable(database: Database) 
 def test_insert_ignoring_conflicts_is_one_statement_per_table(database: Database) -> None:
     # One statement object per table keeps SQLAlchemy's compiled cache hits cheap.
     assert database.insert_ignoring_conflicts(counters) is database.insert_ignoring_conflicts(counters)
+
+
+async def test_unreachable_database_names_the_setting() -> None:
+    url = f"postgresql+asyncpg://tidings:hunter2-secret@127.0.0.1:{free_port()}/tidings"
+    database = Database(url, MetaData())
+
+    with pytest.raises(ConfigurationError) as failure:
+        await database.create_schema()
+
+    assert "TIDINGS_DATABASE_URL" in str(failure.value)
+
+
+async def test_unreachable_database_error_masks_the_password() -> None:
+    url = f"postgresql+asyncpg://tidings:hunter2-secret@127.0.0.1:{free_port()}/tidings"
+    database = Database(url, MetaData())
+
+    with pytest.raises(ConfigurationError) as failure:
+        await database.create_schema()
+
+    assert "hunter2-secret" not in str(failure.value)

@@ -7,7 +7,7 @@ from pathlib import Path
 import jwt
 import pytest
 
-from services.runtime.cli.supervisor import Supervisor
+from services.runtime.cli.supervisor import Supervisor, discover_nats_url
 from services.runtime.cli.token import print_token
 from services.runtime.config import Settings
 from services.runtime.errors import ConfigurationError
@@ -66,3 +66,23 @@ async def test_supervisor_rejects_unusable_data_dir(settings: Settings, tmp_path
 
     with pytest.raises(ConfigurationError, match="set TIDINGS_DATA_DIR to a directory"):
         await Supervisor(unusable).run()
+
+
+def test_discover_nats_url_says_when_no_tidings_up_recorded_one(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("NATS_URL", raising=False)
+
+    discover_nats_url(settings)
+
+    assert "Set NATS_URL, or TIDINGS_DATA_DIR" in capsys.readouterr().err
+
+
+def test_discover_nats_url_reads_the_recorded_url(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("NATS_URL", raising=False)
+    settings.data_dir.mkdir(parents=True)
+    (settings.data_dir / "nats.url").write_text("nats://127.0.0.1:4999\n")
+
+    assert discover_nats_url(settings) == "nats://127.0.0.1:4999"

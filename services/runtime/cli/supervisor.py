@@ -391,8 +391,13 @@ async def wait_until_ready_or_exit(
 def discover_nats_url(settings: Settings) -> str:
     """Return NATS_URL if set, else the URL of a running `tidings up`, else the default."""
     recorded = nats_url_file(settings)
-    if "NATS_URL" not in os.environ and recorded.exists():
+    if "NATS_URL" in os.environ:
+        return settings.nats_url
+    if recorded.exists():
         return recorded.read_text().strip()
+    print(f"no running `tidings up` recorded its nats-server in {str(recorded.resolve())!r}; using "
+          f"{redact_url(settings.nats_url)}. Set NATS_URL, or TIDINGS_DATA_DIR to the data directory "
+          "of `tidings up`", file=sys.stderr, flush=True)
     return settings.nats_url
 
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import signal
+import sys
 
 import nats
 from google.protobuf.json_format import MessageToDict
@@ -49,8 +50,25 @@ async def ignore_error(error: Exception) -> None:
     return None
 
 
+def subject_problem(subject: str) -> str | None:
+    """Return what makes subject an invalid NATS subscription subject, or None when it is valid."""
+    tokens = subject.split(".")
+    if not subject or any(char.isspace() for char in subject):
+        return "a subject is dot-separated tokens with no spaces"
+    if any(not token for token in tokens):
+        return "a subject has no empty tokens (no leading, trailing or double dots)"
+    if ">" in tokens[:-1] or any(len(token) > 1 and any(c in token for c in "*>") for token in tokens):
+        return "'*' and '>' stand alone as tokens, and '>' only at the end"
+    return None
+
+
 async def tail_events(settings: Settings, subject: str, *, count: int = 0) -> int:
     """Subscribe to subject and print each event until Ctrl-C or count events."""
+    problem = subject_problem(subject)
+    if problem is not None:
+        print(f"invalid subject {subject!r}: {problem}; for example 'tidings.users.>' or "
+              "'tidings.orders.order.*'", file=sys.stderr)
+        return 2
     url = discover_nats_url(settings)
     try:
         client = await nats.connect(

@@ -43,6 +43,33 @@ def server_ssl_context(settings: GatewaySettings) -> ssl.SSLContext | None:
     return context
 
 
+# Seconds between two warnings about a NATS server that cannot be reached.
+NATS_WARNING_INTERVAL = 10.0
+
+
+class _NatsErrorReport:
+    """Log NATS client errors as one warning per NATS_WARNING_INTERVAL, not a traceback per attempt.
+
+    nats-py retries the first connection inside connect() and reports each
+    failed attempt only through its error callback, which by default logs a
+    traceback every time.
+    """
+
+    def __init__(self, url: str) -> None:
+        self._url = redact_url(url)
+        self._last: float | None = None
+
+    async def on_error(self, error: Exception) -> None:
+        """The client's error callback (nats-py takes only coroutine functions)."""
+        now = asyncio.get_running_loop().time()
+        if self._last is not None and now - self._last < NATS_WARNING_INTERVAL:
+            logger.debug("NATS client error", extra={"error": repr(error)})
+            return
+        self._last = now
+        logger.warning("cannot reach nats; live events wait for it, REST routes work",
+                       extra={"url": self._url, "error": repr(error)})
+
+
 async def _connect_nats(client: NATS, runtime: Settings, stopping: asyncio.Event) -> None:
     """Connect for live events, retrying until it works; REST routes do not wait for it."""
     servers = [server.strip() for server in runtime.nats_url.split(",")]
@@ -51,7 +78,7 @@ async def _connect_nats(client: NATS, runtime: Settings, stopping: asyncio.Event
         try:
             await client.connect(
                 servers=servers, name="tidings-gateway", max_reconnect_attempts=-1,
-                allow_reconnect=True, connect_timeout=2,
+                allow_reconnect=True, connect_timeout=2, error_cb=_NatsErrorReport(runtime.nats_url).on_error,
             )
             logger.info("connected to nats", extra={"url": redact_url(client.connected_url.geturl()
                                                                       if client.connected_url else "")})

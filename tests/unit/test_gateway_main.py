@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import sys
 
+import pytest
 from aiohttp.http_exceptions import LineTooLong
 
-from gateway.main import _WithoutRequestBytes
+from gateway.main import _NatsErrorReport, _WithoutRequestBytes
 
 
 def _record_of(error: Exception) -> logging.LogRecord:
@@ -32,3 +33,22 @@ def test_log_filter_drops_the_traceback() -> None:
     _WithoutRequestBytes().filter(record)
 
     assert record.exc_info is None
+
+
+async def test_nats_error_report_warns_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    report = _NatsErrorReport("nats://user:secret-pass@127.0.0.1:4999")
+
+    with caplog.at_level(logging.WARNING, logger="gateway.main"):
+        await report.on_error(ConnectionRefusedError("refused"))
+        await report.on_error(ConnectionRefusedError("refused"))
+
+    assert len(caplog.records) == 1
+
+
+async def test_nats_error_report_masks_the_password(caplog: pytest.LogCaptureFixture) -> None:
+    report = _NatsErrorReport("nats://user:secret-pass@127.0.0.1:4999")
+
+    with caplog.at_level(logging.WARNING, logger="gateway.main"):
+        await report.on_error(ConnectionRefusedError("refused"))
+
+    assert "secret-pass" not in str(caplog.records[0].__dict__)

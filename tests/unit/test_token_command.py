@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import jwt
 import pytest
 
+from services.runtime.cli.embedded_nats import free_port
 from services.runtime.cli.supervisor import Supervisor, discover_nats_url
 from services.runtime.cli.token import print_token
 from services.runtime.config import Settings
@@ -86,3 +88,26 @@ def test_discover_nats_url_reads_the_recorded_url(
     (settings.data_dir / "nats.url").write_text("nats://127.0.0.1:4999\n")
 
     assert discover_nats_url(settings) == "nats://127.0.0.1:4999"
+
+
+async def test_supervisor_rejects_two_services_on_one_port(settings: Settings) -> None:
+    ports = {f"{name}_port": free_port() for name in ("users", "inventory", "payments", "notifications", "gateway")}
+    clashing = settings.model_copy(update={**ports, "orders_port": ports["users_port"]})
+
+    with pytest.raises(ConfigurationError, match="TIDINGS_USERS_PORT and TIDINGS_ORDERS_PORT"):
+        await Supervisor(clashing).run()
+
+
+async def test_supervisor_keeps_a_chosen_nats_port_that_is_taken(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        monkeypatch.setenv("TIDINGS_EMBEDDED_NATS_PORT", str(port))
+        monkeypatch.delenv("NATS_URL", raising=False)
+        chosen = settings.model_copy(update={"embedded_nats_port": port})
+
+        with pytest.raises(ConfigurationError, match="TIDINGS_EMBEDDED_NATS_PORT"):
+            await Supervisor(chosen, services=(), gateway=False).run()

@@ -136,8 +136,16 @@ class Supervisor:
             ) from exc
 
     def _check_ports(self) -> None:
-        for name in (*self.services, *([GATEWAY] if self.gateway else [])):
+        names = (*self.services, *([GATEWAY] if self.gateway else []))
+        owners: dict[int, str] = {}
+        for name in names:
             port = self.settings.port_of(name)
+            if port in owners:
+                raise ConfigurationError(
+                    f"{owners[port]} and {name} are both set to port {port}; give "
+                    f"TIDINGS_{owners[port].upper()}_PORT and TIDINGS_{name.upper()}_PORT different ports"
+                )
+            owners[port] = name
             if port_in_use(port, self.settings.host):
                 raise ConfigurationError(
                     f"port {port} for {name} is in use; stop what listens there or set "
@@ -174,6 +182,12 @@ class Supervisor:
         preferred = self.settings.embedded_nats_port
         port = preferred
         if port_in_use(port):
+            if "TIDINGS_EMBEDDED_NATS_PORT" in os.environ:
+                # A port the user chose is not swapped for another behind their back.
+                raise ConfigurationError(
+                    f"port {port} for the embedded nats-server (TIDINGS_EMBEDDED_NATS_PORT) is in use; "
+                    "stop what listens there, set another port, or unset it to take a free one"
+                )
             port = free_port()
             print(f"port {preferred} is taken; embedded nats-server uses port {port}", flush=True)
         self.nats = EmbeddedNats(self.settings.data_dir.resolve() / "nats", port=port)

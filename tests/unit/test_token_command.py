@@ -91,7 +91,8 @@ def test_discover_nats_url_reads_the_recorded_url(
 
 
 async def test_supervisor_rejects_two_services_on_one_port(settings: Settings) -> None:
-    ports = {f"{name}_port": free_port() for name in ("users", "inventory", "payments", "notifications", "gateway")}
+    names = ("users", "inventory", "payments", "notifications", "gateway")
+    ports = {f"{name}_port": free_port() for name in names}
     clashing = settings.model_copy(update={**ports, "orders_port": ports["users_port"]})
 
     with pytest.raises(ConfigurationError, match="TIDINGS_USERS_PORT and TIDINGS_ORDERS_PORT"):

@@ -50,6 +50,10 @@ ERROR_DOMAIN = "tidings.dev"
 
 JSON_CONTENT_TYPE = "application/json"
 
+# Keys under which an error response keeps its message and reason for the request log.
+ERROR_MESSAGE = "tidings_error_message"
+ERROR_REASON = "tidings_error_reason"
+
 
 def status_response(
     status: status_pb2.Status,
@@ -57,14 +61,30 @@ def status_response(
     http_status: int | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> web.Response:
-    """Return status as its proto3 JSON form, with the HTTP status of its code."""
+    """Return status as its proto3 JSON form, with the HTTP status of its code.
+
+    The response keeps the status's message and ErrorInfo reason under
+    ERROR_MESSAGE and ERROR_REASON, for the gateway's request log.
+    """
     body = json_format.MessageToJson(status, indent=None)
-    return web.Response(
+    response = web.Response(
         status=http_status or HTTP_STATUS_OF_CODE.get(status.code, 500),
         text=body,
         content_type=JSON_CONTENT_TYPE,
         headers=headers,
     )
+    response[ERROR_MESSAGE] = status.message
+    response[ERROR_REASON] = _reason_of(status)
+    return response
+
+
+def _reason_of(status: status_pb2.Status) -> str | None:
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.reason
+    return None
 
 
 def _pack(messages: Iterable[Message]) -> list[any_pb2.Any]:

@@ -29,7 +29,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from gateway.auth import Authenticator, AuthError, require_scopes
 from gateway.caller import Caller
 from gateway.cors import CorsPolicy
-from gateway.errors import error_response
+from gateway.errors import ERROR_MESSAGE, ERROR_REASON, error_response
 from gateway.ratelimit import TokenBuckets, retry_after_header
 from gateway.routes import EVENTS_PATH
 from observability.propagation import extract_context
@@ -103,16 +103,19 @@ async def tracing(request: web.Request, handler: Handler) -> web.StreamResponse:
         if response.status >= 500:
             span.set_status(Status(StatusCode.ERROR))
         caller = request.get(CALLER)
-        logger.info(
-            "request",
-            extra={
-                "method": request.method,
-                "route": template,
-                "status": response.status,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-                "subject": caller.subject if caller else None,
-            },
-        )
+        entry = {
+            "method": request.method,
+            "route": template,
+            "status": response.status,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+            "subject": caller.subject if caller else None,
+            "request_id": request_id,
+        }
+        if response.status >= 400:
+            # Says why without the response body; messages name values, never secrets.
+            entry["reason"] = response.get(ERROR_REASON)
+            entry["error"] = response.get(ERROR_MESSAGE)
+        logger.info("request", extra=entry)
         return response
 
 

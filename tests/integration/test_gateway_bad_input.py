@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -400,3 +401,21 @@ async def test_gateway_preflight_rejection_names_the_header(api: Api) -> None:
 
     assert status == 403
     assert "x-custom-debug" in reply["message"], reply
+
+
+async def test_gateway_request_log_names_the_reason_of_a_401(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="gateway.http"):
+        await api.call("GET", "/v1/users", bearer=None)
+
+    [entry] = [record for record in caplog.records if record.getMessage() == "request"]
+    assert (entry.status, entry.reason) == (401, "MISSING_TOKEN")  # type: ignore[attr-defined]
+
+
+async def test_gateway_request_log_has_the_request_id(api: Api, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="gateway.http"):
+        await api.call("GET", "/v1/users", headers={"X-Request-Id": "req-42"})
+
+    [entry] = [record for record in caplog.records if record.getMessage() == "request"]
+    assert entry.request_id == "req-42"  # type: ignore[attr-defined]

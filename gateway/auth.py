@@ -267,6 +267,16 @@ def _unauthorized(reason: AuthReason, message: str) -> AuthError:
     return AuthError(401, reason, message)
 
 
+def _signature_not_base64url() -> AuthError:
+    # PyJWT reads the signature segment with the header, so a signature that
+    # is not base64url (say its last character changed) fails there.
+    return _unauthorized(
+        "BAD_SIGNATURE",
+        "the token's signature is not valid base64url, so it cannot match; "
+        "send the token exactly as the issuer gave it",
+    )
+
+
 def _bearer_token(authorization_header: str | None) -> str:
     """Return the token of an ``Authorization: Bearer <token>`` header value."""
     if authorization_header is None or not authorization_header.strip():
@@ -415,6 +425,8 @@ class Authenticator:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
+            if isinstance(exc, jwt.DecodeError) and "crypto padding" in str(exc):
+                raise _signature_not_base64url() from None
             raise _unauthorized(
                 "MALFORMED_TOKEN",
                 f"the bearer token is not a valid JWT ({exc}); send a signed JWT of the form "

@@ -902,3 +902,12 @@ def test_mint_hs256_token_lifetime() -> None:
 def test_mint_hs256_token_rejects(case: str, mint: Callable[[], str]) -> None:
     with pytest.raises(ValueError):
         mint()
+
+
+def test_authenticate_signature_with_changed_last_character(hs_authenticator: Authenticator) -> None:
+    header, payload, signature = _hs256(_claims()).split(".")
+    changed = signature[:-1] + ("B" if signature[-1] != "B" else "C")
+
+    error = _reject(hs_authenticator, _bearer(f"{header}.{payload}.{changed}"))
+
+    assert error.reason == "BAD_SIGNATURE"

@@ -347,12 +347,30 @@ def json_field_path(descriptor: Descriptor, path: str) -> str:
 
 
 def with_json_field_names(status: status_pb2.Status, descriptor: Descriptor) -> None:
-    """Rewrite the field paths of the BadRequest details of a google.rpc.Status to JSON names."""
+    """Rewrite the field paths of the BadRequest details of a google.rpc.Status to JSON names.
+
+    Where the status message or a violation's description names a rewritten
+    path, it is rewritten there too, so that a client reads one name per field.
+    """
     for detail in status.details:
         if not detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             continue
         bad_request = error_details_pb2.BadRequest()
         detail.Unpack(bad_request)
+        renamed: dict[str, str] = {}
         for violation in bad_request.field_violations:
-            violation.field = json_field_path(descriptor, violation.field)
+            json_path = json_field_path(descriptor, violation.field)
+            if json_path != violation.field:
+                renamed[violation.field] = json_path
+            violation.field = json_path
+        for violation in bad_request.field_violations:
+            violation.description = _renamed_in_text(violation.description, renamed)
+        status.message = _renamed_in_text(status.message, renamed)
         detail.Pack(bad_request)
+
+
+def _renamed_in_text(text: str, renamed: dict[str, str]) -> str:
+    """Replace each whole occurrence of a renamed field path in text."""
+    for proto_path, json_path in renamed.items():
+        text = re.sub(rf"(?<![\w.]){re.escape(proto_path)}(?![\w])", json_path, text)
+    return text

@@ -51,3 +51,35 @@ def test_with_json_field_names_keeps_other_details() -> None:
     info = error_details_pb2.ErrorInfo()
     status.details[0].Unpack(info)
     assert info.reason == "EMAIL_TAKEN"
+
+
+def _renamed(message: str, description: str) -> tuple[str, str]:
+    violation = error_details_pb2.BadRequest.FieldViolation(
+        field="user.display_name", description=description
+    )
+    status = status_pb2.Status(code=3, message=message)
+    status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+
+    with_json_field_names(status, CREATE_USER)
+
+    bad_request = error_details_pb2.BadRequest()
+    status.details[0].Unpack(bad_request)
+    return status.message, bad_request.field_violations[0].description
+
+
+def test_with_json_field_names_renames_the_path_in_the_message() -> None:
+    message, _ = _renamed("invalid request: user.display_name: must not be empty", "must not be empty")
+
+    assert message == "invalid request: user.displayName: must not be empty"
+
+
+def test_with_json_field_names_renames_the_path_in_the_description() -> None:
+    _, description = _renamed("invalid", "user.display_name must not be empty")
+
+    assert description == "user.displayName must not be empty"
+
+
+def test_with_json_field_names_keeps_longer_names_that_contain_the_path() -> None:
+    message, _ = _renamed("see user.display_name_hint and my.user.display_name", "empty")
+
+    assert message == "see user.display_name_hint and my.user.display_name"

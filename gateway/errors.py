@@ -51,8 +51,8 @@ ERROR_DOMAIN = "tidings.dev"
 JSON_CONTENT_TYPE = "application/json"
 
 # Keys under which an error response keeps its message and reason for the request log.
-ERROR_MESSAGE = "tidings_error_message"
-ERROR_REASON = "tidings_error_reason"
+ERROR_MESSAGE = web.ResponseKey("tidings_error_message", str)
+ERROR_REASON = web.ResponseKey("tidings_error_reason", str)
 
 
 def status_response(
@@ -74,11 +74,12 @@ def status_response(
         headers=headers,
     )
     response[ERROR_MESSAGE] = status.message
-    response[ERROR_REASON] = _reason_of(status)
+    response[ERROR_REASON] = _reason_of(status) or ""
     return response
 
 
 def _reason_of(status: status_pb2.Status) -> str | None:
+    """Return the reason of the status's ErrorInfo detail, or None without one."""
     for detail in status.details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()

@@ -113,7 +113,7 @@ async def tracing(request: web.Request, handler: Handler) -> web.StreamResponse:
         }
         if response.status >= 400:
             # Says why without the response body; messages name values, never secrets.
-            entry["reason"] = response.get(ERROR_REASON)
+            entry["reason"] = response.get(ERROR_REASON) or None
             entry["error"] = response.get(ERROR_MESSAGE)
         logger.info("request", extra=entry)
         return response

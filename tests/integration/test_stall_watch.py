@@ -9,6 +9,7 @@ import nats
 import pytest
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
+from nats.js.errors import ServiceUnavailableError
 
 from services.runtime import stall
 from services.runtime.cli.embedded_nats import EmbeddedCluster, EmbeddedNats
@@ -29,7 +30,17 @@ def cluster(tmp_path: Path) -> Iterator[EmbeddedCluster]:
 async def _stream_with_consumer(url: str, replicas: int) -> nats.NATS:
     client = await nats.connect(servers=url.split(","))
     js = client.jetstream()
-    await js.add_stream(StreamConfig(name="USERS", subjects=["tidings.users.>"], num_replicas=replicas))
+    config = StreamConfig(name="USERS", subjects=["tidings.users.>"], num_replicas=replicas)
+
+    async def stream_created() -> bool:
+        # A new cluster may still place the stream's replicas; the services retry too.
+        try:
+            await js.add_stream(config)
+        except (NatsTimeoutError, ServiceUnavailableError):
+            return False
+        return True
+
+    await wait_for(stream_created, timeout=30)
     await js.add_consumer("USERS", ConsumerConfig(
         durable_name="watched", ack_policy=AckPolicy.EXPLICIT, filter_subjects=[SUBJECT],
     ))

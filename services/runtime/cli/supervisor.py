@@ -47,7 +47,7 @@ _JWT_KEY_VARIABLES = (
 
 READY_TIMEOUT = 60.0
 
-# Longest log line printed as one line in text mode; a longer one is cut into parts.
+# Bytes of a log line printed as one line in text mode, at most; a longer one is cut into parts.
 MAX_LOG_LINE_BYTES = 1 << 20
 # Seconds to wait at exit for the last lines of the stopped children.
 OUTPUT_DRAIN_TIMEOUT = 2.0
@@ -247,7 +247,7 @@ class Supervisor:
             try:
                 raw = await stream.readline()
             except ValueError:
-                # A line above MAX_LOG_LINE_BYTES: print what the buffer holds as it is.
+                # A line above MAX_LOG_LINE_BYTES: print the part read so far as it is.
                 raw = await stream.read(MAX_LOG_LINE_BYTES)
             if not raw:
                 return

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import sys
 from pathlib import Path
 
 import jwt
 import pytest
 
+from services.runtime.cli import supervisor
 from services.runtime.cli.embedded_nats import free_port
 from services.runtime.cli.supervisor import Supervisor, discover_nats_url
 from services.runtime.cli.token import print_token
@@ -112,3 +115,21 @@ async def test_supervisor_keeps_a_chosen_nats_port_that_is_taken(
 
         with pytest.raises(ConfigurationError, match="TIDINGS_EMBEDDED_NATS_PORT"):
             await Supervisor(chosen, services=(), gateway=False).run()
+
+
+async def test_supervisor_names_the_services_it_still_waits_for(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(supervisor, "READY_TIMEOUT", 0.6)
+    monkeypatch.setattr(supervisor, "READY_PROGRESS_INTERVAL", 0.2)
+    idle = await asyncio.create_subprocess_exec(sys.executable, "-c", "import time; time.sleep(30)")
+    waiting = Supervisor(settings)
+    # Nothing listens on a fresh free port, so the health check never passes.
+    waiting.children.append(supervisor.Child("users", f"127.0.0.1:{free_port()}", idle))
+    try:
+        ready = await waiting._wait_until_ready()
+    finally:
+        idle.kill()
+        await idle.wait()
+
+    assert (ready, "still waiting for users to be SERVING" in capsys.readouterr().err) == (False, True)

@@ -46,6 +46,8 @@ _JWT_KEY_VARIABLES = (
 )
 
 READY_TIMEOUT = 60.0
+# Seconds between the lines that name the services not ready yet.
+READY_PROGRESS_INTERVAL = 10.0
 
 # Bytes of a log line printed as one line in text mode, at most; a longer one is cut into parts.
 MAX_LOG_LINE_BYTES = 1 << 20
@@ -267,9 +269,19 @@ class Supervisor:
         try:
             ready: asyncio.Future[Any] = asyncio.gather(*checks)
             waiting: list[asyncio.Future[Any]] = [ready, stop, *exits]
-            done, _ = await asyncio.wait(
-                waiting, timeout=READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
-            )
+            deadline = asyncio.get_running_loop().time() + READY_TIMEOUT
+            while True:
+                left = deadline - asyncio.get_running_loop().time()
+                done, _ = await asyncio.wait(
+                    waiting, timeout=min(left, READY_PROGRESS_INTERVAL),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if done or left <= READY_PROGRESS_INTERVAL:
+                    break
+                pending = [child.name for child, check in zip(self.children, checks, strict=True)
+                           if not check.done()]
+                print(f"still waiting for {', '.join(pending)} to be SERVING; their log lines say "
+                      "why", file=sys.stderr, flush=True)
             if ready in done:
                 return True
             for child in self.children:

@@ -26,6 +26,8 @@ from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from observability.method_handlers import WrappedHandlers
+
 # Status codes that mark a SERVER span as failed: the server's own faults.
 # The other codes describe the request, so they leave the status unset, as
 # the RPC semantic conventions ask.
@@ -84,10 +86,7 @@ class ServerSpanInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, tracer_provider: trace.TracerProvider | None = None) -> None:
         self._tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
         self._methods: dict[str, _Method] = {}
-        # Per method name: the handler that was wrapped and its wrapped version.
-        # A new inner handler (an interceptor further in that wraps per call) is
-        # wrapped again.
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._handlers = WrappedHandlers(self._wrap)
 
     async def intercept_service(
         self,
@@ -97,18 +96,14 @@ class ServerSpanInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        full_method = handler_call_details.method
-        cached = self._wrapped.get(full_method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
+        return self._handlers.get(handler_call_details.method, handler)
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, full_method: str) -> grpc.RpcMethodHandler:
+        # Kept apart from the wrapped handlers, which an interceptor further in
+        # may replace on every call.
         method = self._methods.get(full_method)
         if method is None:
             method = self._methods[full_method] = _Method(full_method)
-        wrapped = self._wrap(handler, method)
-        self._wrapped[full_method] = (handler, wrapped)
-        return wrapped
-
-    def _wrap(self, handler: grpc.RpcMethodHandler, method: _Method) -> grpc.RpcMethodHandler:
         codecs = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,

@@ -63,3 +63,19 @@ def error_reason(error: grpc.aio.AioRpcError) -> str:
             detail.Unpack(info)
             return info.reason
     return ""
+
+
+@asynccontextmanager
+async def probe_channel(
+    interceptor: grpc.aio.ServerInterceptor, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+) -> AsyncIterator[grpc.aio.Channel]:
+    """Serve handlers as service behind interceptor on 127.0.0.1 and yield a channel to them."""
+    server = grpc.aio.server(interceptors=[interceptor])
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, handlers)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield channel
+    finally:
+        await server.stop(None)

@@ -32,7 +32,7 @@ from services.runtime.events import ReceivedEvent
 
 logger = logging.getLogger(__name__)
 
-# Characters of the error text kept with a failure count, at most.
+# Maximum length, in characters, of the error text kept with a failure count.
 _MAX_ERROR_LENGTH = 500
 
 
@@ -103,19 +103,19 @@ class FailureCounts:
             await self.forget(tx, event_id)
 
 
-# Applies one delivery in its own transaction; the flag is True when it failed
-# before. Returns whether the handler ran (False for a duplicate), or the error.
+# Applies one delivery in its own transaction. The flag is True when the delivery
+# failed before. The result is whether the handler ran (False for a duplicate), or the error.
 Apply = Callable[[Delivery, bool], Awaitable[bool | Exception]]
 # Acks an applied (True) or duplicate (False) delivery.
 Ack = Callable[[Delivery, bool], Awaitable[None]]
-# Moves a delivery to the dead letters with a reason and the attempts made;
-# returns whether the dead letter was stored.
+# Moves a delivery to the dead letters with a reason and the attempts made. The
+# result is whether the dead letter was stored.
 DeadLetter = Callable[[Delivery, str, Exception, int], Awaitable[bool]]
 
 
 @dataclass
 class _Line:
-    """The events of one entity that wait, oldest first; the first one failed."""
+    """Events of one entity that wait, oldest first. The first one failed."""
 
     queue: deque[Delivery]
     last_error: Exception | None
@@ -123,7 +123,7 @@ class _Line:
 
 
 class BlockedEntities:
-    """The entities of one consumer that have a failed event, each with the events waiting behind it."""
+    """Entities of one consumer that have a failed event, each with the events waiting behind it."""
 
     def __init__(
         self,
@@ -136,7 +136,7 @@ class BlockedEntities:
         dead_letter: DeadLetter,
         max_waiting: int,
     ) -> None:
-        """Track blocked entities of consumer.
+        """Prepare an empty set of blocked entities for consumer.
 
         Args:
             max_waiting: The consumer's max_ack_pending. When this many events
@@ -161,7 +161,7 @@ class BlockedEntities:
         return entity in self._lines
 
     def block(self, delivery: Delivery, error: Exception) -> None:
-        """Start retrying a failed delivery; the later events of its entity wait behind it.
+        """Start retrying a failed delivery. Later events of its entity wait behind it.
 
         Runs without an await, so that a caller can queue the rest of a batch
         before the retry starts.
@@ -195,19 +195,20 @@ class BlockedEntities:
             )
 
     async def stop(self) -> None:
-        """Cancel every retry; an apply in progress rolls back. The waiting events stay queued."""
+        """Cancel every retry, which rolls back an apply in progress. The waiting events stay queued."""
         tasks = [line.task for line in self._lines.values() if line.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def release(self, also: Iterable[Msg] = ()) -> None:
-        """Hand every waiting event back to JetStream, each entity's oldest first, then the messages in also.
+        """Hand every waiting event back to JetStream (nak), then the messages in also.
 
-        JetStream queues returned messages for redelivery in the order they
-        come back, ahead of new ones. The caller must make sure that no pull
-        request of this consumer is still open, or JetStream may send a
-        returned message there and queue it again behind later ones.
+        Each entity's oldest event goes back first. nats-server 2.15.1 redelivers
+        returned messages in the order they came back, ahead of new ones (seen in
+        tests/integration/test_consumer_order.py). The caller must make sure that
+        no pull request of this consumer is still open. Otherwise JetStream may
+        send a returned message there and queue it again behind later ones.
         """
         lines, self._lines = list(self._lines.values()), {}
         for line in lines:
@@ -216,14 +217,16 @@ class BlockedEntities:
 
     async def _retry(self, entity: str, line: _Line) -> None:
         """Retry the first event after its backoff, then apply the rest in order, until none waits."""
-        heartbeat = asyncio.create_task(self._keep_in_progress(line.queue))
+        heartbeat = asyncio.create_task(keep_in_progress(
+            lambda: [delivery.message for delivery in line.queue], self._settings.ack_wait
+        ))
         try:
             await self._work_through(line)
-            # No await between the last look at the queue and this: a batch
-            # adds to the queue only while the entity is in _lines.
+            # No await may come between the last look at the queue and this line,
+            # because a batch adds to the queue only while the entity is in _lines.
             del self._lines[entity]
         except asyncio.CancelledError:
-            # stop(): the events stay queued for release().
+            # Cancelled by stop(), so the events stay queued for release().
             raise
         except Exception:
             logger.exception(
@@ -238,11 +241,13 @@ class BlockedEntities:
             self._full = self._full and bool(self._lines)
 
     async def _work_through(self, line: _Line) -> None:
+        """Apply the queued events in order, retrying or dead-lettering the failed first one."""
         while line.queue:
             delivery = line.queue[0]
-            failed_before = line.last_error is not None
-            if line.last_error is not None:
-                attempts = await self._failures.record(delivery.event.id, line.last_error)
+            error = line.last_error
+            failed_before = error is not None
+            if error is not None:
+                attempts = await self._failures.record(delivery.event.id, error)
                 if await self._give_up(line, attempts):
                     continue
                 delay = self._backoff(attempts)
@@ -257,10 +262,10 @@ class BlockedEntities:
             await self._ack(delivery, outcome)
 
     async def _give_up(self, line: _Line, attempts: int) -> bool:
-        """Dead-letter the first event when it may not be tried again; return whether it was.
+        """Dead-letter the first event when it may not be tried again, and return whether it was.
 
-        Returns False as well when the dead-letter publish failed: the event
-        is then tried again, and dead-lettered after that attempt.
+        Returns False as well when the dead-letter publish failed. The event is
+        then tried again, and dead-lettered after that attempt.
         """
         delivery, error = line.queue[0], line.last_error
         assert error is not None
@@ -291,14 +296,19 @@ class BlockedEntities:
             exc_info=line.last_error,
         )
 
-    async def _keep_in_progress(self, queue: deque[Delivery]) -> None:
-        """Extend the ack deadline of every queued event, so that none is redelivered while it waits."""
-        interval = self._settings.ack_wait / 3
-        while True:
-            await asyncio.sleep(interval)
-            for delivery in list(queue):
-                with contextlib.suppress(NatsError):
-                    await delivery.message.in_progress()
+
+
+async def keep_in_progress(messages: Callable[[], Iterable[Msg]], ack_wait: float) -> None:
+    """Send an in-progress ack for each message every third of ack_wait, until cancelled.
+
+    messages is called before each round, so that a queue that changes is
+    followed. JetStream then redelivers none of them while they are worked on.
+    """
+    while True:
+        await asyncio.sleep(ack_wait / 3)
+        for message in list(messages()):
+            with contextlib.suppress(NatsError):
+                await message.in_progress()
 
 
 async def _nak_all(deliveries: Iterable[Delivery | Msg]) -> None:

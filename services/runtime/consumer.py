@@ -28,7 +28,7 @@ from nats.js.errors import Error as JetStreamError
 from sqlalchemy import Table
 
 from observability.messaging import consumer_span, mark_failed
-from services.runtime.blocked import BlockedEntities, Delivery, FailureCounts
+from services.runtime.blocked import BlockedEntities, Delivery, FailureCounts, keep_in_progress
 from services.runtime.consumer_spec import (
     ConsumerSettings,
     ConsumerSpec,
@@ -257,7 +257,7 @@ class EventConsumer:
 
         failed_before is True when the event has a failure count to drop.
         """
-        heartbeat = asyncio.create_task(self._keep_in_progress([work.message]))
+        heartbeat = asyncio.create_task(keep_in_progress(lambda: [work.message], self._settings.ack_wait))
         try:
             with self._span(work) as span:
                 try:
@@ -271,7 +271,8 @@ class EventConsumer:
             heartbeat.cancel()
 
     async def _apply_in_one_transaction(self, batch: list[Delivery]) -> None:
-        heartbeat = asyncio.create_task(self._keep_in_progress([w.message for w in batch]))
+        messages = [work.message for work in batch]
+        heartbeat = asyncio.create_task(keep_in_progress(lambda: messages, self._settings.ack_wait))
         outcomes: list[bool | Exception | str] = []
         try:
             async with self._database.transaction() as tx:
@@ -384,12 +385,3 @@ class EventConsumer:
             await message.term()
         self.dead_lettered += 1
         return True
-
-    async def _keep_in_progress(self, messages: list[Msg]) -> None:
-        """Extend the ack deadline while slow handlers run, so nothing is redelivered meanwhile."""
-        interval = self._settings.ack_wait / 3
-        while True:
-            await asyncio.sleep(interval)
-            for message in messages:
-                with contextlib.suppress(NatsError):
-                    await message.in_progress()

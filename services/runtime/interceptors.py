@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 from opentelemetry import trace
 
+from observability.method_handlers import WrappedHandlers
 from services.runtime.errors import ServiceError
 
 logger = logging.getLogger(__name__)
@@ -27,9 +28,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """Map exceptions raised by unary handlers to statuses with google.rpc details."""
 
     def __init__(self) -> None:
-        # Per method name: the handler that was wrapped and its wrapped version,
-        # so that a call does not build a new handler.
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._handlers = WrappedHandlers(_guarded)
 
     async def intercept_service(
         self,
@@ -40,13 +39,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler.unary_unary is None:
             return handler
 
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = _guarded(handler, method)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        return self._handlers.get(handler_call_details.method, handler)
 
 
 def _guarded(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import grpc
@@ -27,6 +27,7 @@ from gateway.identity import (
     identity_metadata,
     verify_identity,
 )
+from tests.helpers import probe_channel
 
 SECRET = "identity-secret-shared-by-gateway-and-services"
 OTHER_SECRET = "identity-secret-of-somebody-else-entirely-000"
@@ -224,24 +225,15 @@ async def _who_am_i_client_stream(
     return _caller_json(current_caller())
 
 
-@asynccontextmanager
-async def _probe_server(interceptor: IdentityInterceptor) -> AsyncIterator[grpc.aio.Channel]:
+def _probe_server(interceptor: IdentityInterceptor) -> AbstractAsyncContextManager[grpc.aio.Channel]:
     """Serve the probe methods behind interceptor on 127.0.0.1 and yield a channel to them."""
-    server = grpc.aio.server(interceptors=[interceptor])
     handlers = {
         "WhoAmI": grpc.unary_unary_rpc_method_handler(_who_am_i),
         "WhoAmIGenerator": grpc.unary_stream_rpc_method_handler(_who_am_i_generator),
         "WhoAmIWriter": grpc.unary_stream_rpc_method_handler(_who_am_i_writer),
         "WhoAmIClientStream": grpc.stream_unary_rpc_method_handler(_who_am_i_client_stream),
     }
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield channel
-    finally:
-        await server.stop(None)
+    return probe_channel(interceptor, SERVICE, handlers)
 
 
 async def _call_who_am_i(channel: grpc.aio.Channel, metadata: list[tuple[str, str]]) -> Any:

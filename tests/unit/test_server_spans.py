@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import grpc
@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from observability.server_spans import ServerSpanInterceptor, _peer_attributes
-from tests.helpers import wait_for
+from tests.helpers import probe_channel, wait_for
 
 SERVICE = "tidings.test.v1.Probe"
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
@@ -79,10 +79,8 @@ async def _client_stream(requests: AsyncIterator[bytes], context: grpc.aio.Servi
     return _current_trace()
 
 
-@asynccontextmanager
-async def _probe_server(interceptor: ServerSpanInterceptor) -> AsyncIterator[grpc.aio.Channel]:
+def _probe_server(interceptor: ServerSpanInterceptor) -> AbstractAsyncContextManager[grpc.aio.Channel]:
     """Serve the probe methods behind interceptor on 127.0.0.1 and yield a channel to them."""
-    server = grpc.aio.server(interceptors=[interceptor])
     handlers = {
         "Echo": grpc.unary_unary_rpc_method_handler(_echo_trace),
         "NotFound": grpc.unary_unary_rpc_method_handler(_not_found),
@@ -94,14 +92,7 @@ async def _probe_server(interceptor: ServerSpanInterceptor) -> AsyncIterator[grp
         "Writer": grpc.unary_stream_rpc_method_handler(_writer),
         "ClientStream": grpc.stream_unary_rpc_method_handler(_client_stream),
     }
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield channel
-    finally:
-        await server.stop(None)
+    return probe_channel(interceptor, SERVICE, handlers)
 
 
 @pytest.fixture

@@ -42,7 +42,7 @@ from bench.tidings_path import BSP_SCHEDULE_DELAY_MS, measure_tidings
 
 MAX_WARMUP_CALLS = 200
 DEFAULT_ROUNDS = 3
-# Share of traces recorded in the sampled CreateUser phase: a common production setting.
+# Share of traces recorded in the sampled CreateUser phase.
 SAMPLED_SHARE = 0.1
 
 Measure = Callable[[PhaseResult], Awaitable[None]]

@@ -60,7 +60,7 @@ class _NatsErrorReport:
         self._last: float | None = None
 
     async def on_error(self, error: Exception) -> None:
-        """The client's error callback (nats-py takes only coroutine functions)."""
+        """Log error as the client's error callback, which nats-py accepts only as a coroutine function."""
         now = asyncio.get_running_loop().time()
         if self._last is not None and now - self._last < NATS_WARNING_INTERVAL:
             logger.debug("NATS client error", extra={"error": repr(error)})

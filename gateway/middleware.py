@@ -112,7 +112,7 @@ async def tracing(request: web.Request, handler: Handler) -> web.StreamResponse:
             "request_id": request_id,
         }
         if response.status >= 400:
-            # Says why without the response body; messages name values, never secrets.
+            # The reason and message are the ones the client got, so the log reveals nothing new.
             entry["reason"] = response.get(ERROR_REASON) or None
             entry["error"] = response.get(ERROR_MESSAGE)
         logger.info("request", extra=entry)

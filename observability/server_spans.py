@@ -28,9 +28,9 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from observability.method_handlers import WrappedHandlers
 
-# Status codes that mark a SERVER span as failed: the server's own faults.
-# The other codes describe the request, so they leave the status unset, as
-# the RPC semantic conventions ask.
+# Status codes that mark a SERVER span as failed, the server's own faults. They
+# are the codes for which opentelemetry-instrumentation-grpc's server spans are
+# errors. The other codes describe the request, so they leave the status unset.
 SERVER_FAULT_CODES = frozenset({
     grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -123,7 +123,11 @@ class _Line:
 
 
 class BlockedEntities:
-    """Entities of one consumer that have a failed event, each with the events waiting behind it."""
+    """Entities of one consumer that have a failed event, each with the events waiting behind it.
+
+    NOTE: the order holds within one process. Replicas that share the durable
+    consumer can still apply two events of one entity at the same time.
+    """
 
     def __init__(
         self,
@@ -184,6 +188,8 @@ class BlockedEntities:
             extra={"consumer": self._consumer, "event_id": delivery.event.id, "entity": delivery.entity,
                    "failed_event_id": line.queue[0].event.id},
         )
+        # NOTE: no entity has a cap of its own, so one entity with a long backlog can
+        # fill max_ack_pending and stall every entity until its retries end.
         waiting = sum(len(other.queue) for other in self._lines.values())
         if waiting >= self._max_waiting and not self._full:
             self._full = True

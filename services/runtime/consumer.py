@@ -71,7 +71,7 @@ class EventConsumer:
         settings: ConsumerSettings,
         failures_table: Table,
     ) -> None:
-        """Prepare a consumer; start() creates it on the server.
+        """Prepare a consumer. start() creates it on the server.
 
         Args:
             table: The service's ``processed_events`` table.
@@ -163,8 +163,8 @@ class EventConsumer:
     async def _end_fetch(self, fetch: asyncio.Future[list[Msg]]) -> list[Msg]:
         """End the fetch that stop() interrupted and return the messages it got.
 
-        Without blocked entities it is cancelled: messages on their way to it
-        are redelivered after ack_wait, and none is lost. With blocked ones it
+        Without blocked entities it is cancelled. Messages on their way to it
+        are redelivered after ack_wait, so none is lost. With blocked ones it
         runs to its end, because an open pull request would take the events
         handed back at stop (see _hand_back_waiting).
         """
@@ -253,7 +253,7 @@ class EventConsumer:
         return Delivery(message, event, payload, handler)
 
     async def _apply_alone(self, work: Delivery, failed_before: bool = False) -> bool | Exception:
-        """Apply one event in its own transaction; return whether it ran, or its error.
+        """Apply one event in its own transaction, and return whether it ran, or its error.
 
         failed_before is True when the event has a failure count to drop.
         """
@@ -380,8 +380,8 @@ class EventConsumer:
                     await message.nak(delay=self._settings.backoff[-1] if self._settings.backoff else None)
             return False
         with contextlib.suppress(NatsError):
-            # Not terminated, the message comes again and goes to the dead letters once more;
-            # their Nats-Msg-Id makes JetStream drop the second copy.
+            # A message whose term is lost comes again and is dead-lettered once more.
+            # Within the duplicate window, the dead letter's Nats-Msg-Id makes JetStream drop it.
             await message.term()
         self.dead_lettered += 1
         return True

@@ -16,7 +16,7 @@ def _line(**fields: Any) -> str:
     return json.dumps(entry) + "\n"
 
 
-def test_render_line_starts_with_clock_service_and_level() -> None:
+def test_render_line_starts_with_columns() -> None:
     assert render_line("users", _line()).startswith("10:11:12.345 users          INFO ")
 
 
@@ -24,7 +24,7 @@ def test_render_line_shows_the_message() -> None:
     assert render_line("users", _line()).endswith("INFO  service ready")
 
 
-def test_render_line_shows_extra_fields_after_the_message() -> None:
+def test_render_line_shows_extra_fields() -> None:
     text = render_line("users", _line(port=50051, event_id="e-1"))
 
     assert text.endswith("service ready  port=50051 event_id=e-1")
@@ -60,11 +60,11 @@ def test_render_line_colors_the_level_when_asked() -> None:
     assert "\x1b[33mWARNING\x1b[0m" in render_line("users", _line(level="WARNING"), color=True)
 
 
-def test_render_line_has_no_escape_codes_without_color() -> None:
+def test_render_line_plain_without_color() -> None:
     assert "\x1b" not in render_line("users", _line(level="WARNING"))
 
 
-def test_render_line_writes_other_values_as_compact_json() -> None:
+def test_render_line_compact_json_values() -> None:
     assert render_line("gateway", _line(algorithms=["HS256"], issuer=None)).endswith(
         'algorithms=["HS256"] issuer=null'
     )

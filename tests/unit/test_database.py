@@ -129,7 +129,7 @@ async def test_failed_commits_keep_connection_usable(database: Database, failure
     assert ids == [7]
 
 
-def test_insert_ignoring_conflicts_is_one_statement_per_table(database: Database) -> None:
+def test_insert_ignoring_conflicts_is_cached(database: Database) -> None:
     # One statement object per table keeps SQLAlchemy's compiled cache hits cheap.
     assert database.insert_ignoring_conflicts(counters) is database.insert_ignoring_conflicts(counters)
 

@@ -904,7 +904,7 @@ def test_mint_hs256_token_rejects(case: str, mint: Callable[[], str]) -> None:
         mint()
 
 
-def test_authenticate_signature_with_changed_last_character(hs_authenticator: Authenticator) -> None:
+def test_authenticate_non_base64url_signature(hs_authenticator: Authenticator) -> None:
     header, payload, signature = _hs256(_claims()).split(".")
     changed = signature[:-1] + ("B" if signature[-1] != "B" else "C")
 

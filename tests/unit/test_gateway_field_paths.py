@@ -67,19 +67,19 @@ def _renamed(message: str, description: str) -> tuple[str, str]:
     return status.message, bad_request.field_violations[0].description
 
 
-def test_with_json_field_names_renames_the_path_in_the_message() -> None:
+def test_json_field_names_in_message() -> None:
     message, _ = _renamed("invalid request: user.display_name: must not be empty", "must not be empty")
 
     assert message == "invalid request: user.displayName: must not be empty"
 
 
-def test_with_json_field_names_renames_the_path_in_the_description() -> None:
+def test_json_field_names_in_description() -> None:
     _, description = _renamed("invalid", "user.display_name must not be empty")
 
     assert description == "user.displayName must not be empty"
 
 
-def test_with_json_field_names_keeps_longer_names_that_contain_the_path() -> None:
+def test_json_field_names_keep_longer_names() -> None:
     message, _ = _renamed("see user.display_name_hint and my.user.display_name", "empty")
 
     assert message == "see user.display_name_hint and my.user.display_name"

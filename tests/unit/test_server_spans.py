@@ -161,16 +161,17 @@ async def test_server_span_continues_the_callers_trace(
     await _call(channel, "Echo", metadata=[("traceparent", TRACEPARENT)])
 
     span = _only_span(spans)
-    assert span.parent is not None and (f"{span.context.trace_id:032x}", f"{span.parent.span_id:016x}") == (
-        TRACE_ID, PARENT_SPAN_ID,
-    )
+    assert f"{span.context.trace_id:032x}" == TRACE_ID
+    assert span.parent is not None
+    assert f"{span.parent.span_id:016x}" == PARENT_SPAN_ID
 
 
 async def test_server_span_parent_is_remote(channel: grpc.aio.Channel, spans: InMemorySpanExporter) -> None:
     await _call(channel, "Echo", metadata=[("traceparent", TRACEPARENT)])
 
     parent = _only_span(spans).parent
-    assert parent is not None and parent.is_remote
+    assert parent is not None
+    assert parent.is_remote
 
 
 async def test_server_span_without_traceparent_starts_a_trace(
@@ -190,7 +191,7 @@ async def test_server_span_is_current_in_the_handler(
     assert seen == f"{context.trace_id:032x}-{context.span_id:016x}".encode()
 
 
-async def test_server_span_of_each_call_has_its_own_parent(
+async def test_server_span_parent_per_call(
     channel: grpc.aio.Channel, spans: InMemorySpanExporter
 ) -> None:
     # The wrapped handler is kept per method; nothing of one call may stay for the next.
@@ -224,10 +225,11 @@ async def test_server_span_of_server_fault_has_error_status(
     await _call_failing(channel, "Internal")
 
     status = _only_span(spans).status
-    assert (status.status_code, status.description) == (StatusCode.ERROR, "INTERNAL: disk on fire")
+    assert status.status_code == StatusCode.ERROR
+    assert status.description == "INTERNAL: disk on fire"
 
 
-async def test_server_span_of_unmapped_exception_records_unknown(
+async def test_server_span_unmapped_exception_is_unknown(
     channel: grpc.aio.Channel, spans: InMemorySpanExporter
 ) -> None:
     assert await _call_failing(channel, "Raises") == grpc.StatusCode.UNKNOWN
@@ -235,7 +237,7 @@ async def test_server_span_of_unmapped_exception_records_unknown(
     assert (_only_span(spans).attributes or {})["rpc.grpc.status_code"] == grpc.StatusCode.UNKNOWN.value[0]
 
 
-async def test_server_span_of_unmapped_exception_records_the_exception(
+async def test_server_span_records_unmapped_exception(
     channel: grpc.aio.Channel, spans: InMemorySpanExporter
 ) -> None:
     await _call_failing(channel, "Raises")
@@ -252,7 +254,7 @@ async def test_server_span_of_abort_records_no_exception(
     assert not _only_span(spans).events
 
 
-async def test_server_span_records_a_code_set_without_raising(
+async def test_server_span_records_set_code(
     channel: grpc.aio.Channel, spans: InMemorySpanExporter
 ) -> None:
     await _call_failing(channel, "SetsCode")
@@ -261,7 +263,7 @@ async def test_server_span_records_a_code_set_without_raising(
     assert code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
 
 
-async def test_server_span_of_cancelled_call_records_cancelled(
+async def test_server_span_of_cancelled_call(
     channel: grpc.aio.Channel, spans: InMemorySpanExporter
 ) -> None:
     slow_call_started.clear()

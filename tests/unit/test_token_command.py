@@ -73,7 +73,7 @@ async def test_supervisor_rejects_unusable_data_dir(settings: Settings, tmp_path
         await Supervisor(unusable).run()
 
 
-def test_discover_nats_url_says_when_no_tidings_up_recorded_one(
+def test_discover_nats_url_notes_the_fallback(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.delenv("NATS_URL", raising=False)
@@ -102,7 +102,7 @@ async def test_supervisor_rejects_two_services_on_one_port(settings: Settings) -
         await Supervisor(clashing).run()
 
 
-async def test_supervisor_keeps_a_chosen_nats_port_that_is_taken(
+async def test_supervisor_rejects_taken_chosen_nats_port(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with socket.socket() as listener:
@@ -117,7 +117,7 @@ async def test_supervisor_keeps_a_chosen_nats_port_that_is_taken(
             await Supervisor(chosen, services=(), gateway=False).run()
 
 
-async def test_supervisor_names_the_services_it_still_waits_for(
+async def test_supervisor_names_services_not_ready(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(supervisor, "READY_TIMEOUT", 0.6)
@@ -132,4 +132,5 @@ async def test_supervisor_names_the_services_it_still_waits_for(
         idle.kill()
         await idle.wait()
 
-    assert (ready, "still waiting for users to be SERVING" in capsys.readouterr().err) == (False, True)
+    assert ready is False
+    assert "still waiting for users to be SERVING" in capsys.readouterr().err

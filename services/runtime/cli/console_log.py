@@ -47,6 +47,7 @@ def render_line(service: str, line: str, *, color: bool = False) -> str:
         fields.append(f"trace={entry['trace_id']}")
     if fields:
         parts.append(" ".join(fields))
+    # One space after each column, and two between the message and its fields.
     text = " ".join(parts[:3]) + " " + "  ".join(parts[3:])
 
     exception = entry.get("exception")
@@ -74,7 +75,7 @@ def _clock(time: Any) -> str:
 
 
 def _value(value: Any) -> str:
-    """Return a field value as one token: text as it is, or quoted when it has spaces; others as JSON."""
+    """Return a field value as one token: text as it is or quoted when it has spaces, others as JSON."""
     if not isinstance(value, str):
         return json.dumps(value, default=str, separators=(",", ":"))
     if not value or any(char.isspace() or char == '"' for char in value):

@@ -49,7 +49,7 @@ READY_TIMEOUT = 60.0
 # Seconds between the lines that name the services not ready yet.
 READY_PROGRESS_INTERVAL = 10.0
 
-# Bytes of a log line printed as one line in text mode, at most; a longer one is cut into parts.
+# Maximum bytes of a log line printed as one line in text mode. A longer line is printed in parts.
 MAX_LOG_LINE_BYTES = 1 << 20
 # Seconds to wait at exit for the last lines of the stopped children.
 OUTPUT_DRAIN_TIMEOUT = 2.0
@@ -75,7 +75,7 @@ class Supervisor:
         gateway: bool = True,
         log_format: str = "auto",
     ) -> None:
-        """Prepare a supervisor; run() starts the processes.
+        """Prepare a supervisor. run() starts the processes.
 
         Args:
             log_format: ``text`` prints the services' JSON log lines as text
@@ -228,7 +228,7 @@ class Supervisor:
             else service_command(f"services.{name}.main")
         )
         if self.text_logs:
-            # Line by line through a pipe; unbuffered, so that no line waits in the child.
+            # Output goes through a pipe, unbuffered, so that no line waits in the child.
             environment["PYTHONUNBUFFERED"] = "1"
         process = await asyncio.create_subprocess_exec(
             *child_command(command),

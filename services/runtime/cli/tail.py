@@ -57,8 +57,9 @@ def subject_problem(subject: str) -> str | None:
         return "a subject is dot-separated tokens with no spaces"
     if any(not token for token in tokens):
         return "a subject has no empty tokens (no leading, trailing or double dots)"
-    if ">" in tokens[:-1] or any(len(token) > 1 and any(c in token for c in "*>") for token in tokens):
-        return "'*' and '>' stand alone as tokens, and '>' only at the end"
+    wildcard_inside = [token for token in tokens if len(token) > 1 and ("*" in token or ">" in token)]
+    if wildcard_inside or ">" in tokens[:-1]:
+        return "'*' and '>' must be whole tokens, and '>' only the last one"
     return None
 
 
